@@ -1,0 +1,40 @@
+# MegaDual's two commands:  `make demo` (set up + run the embedded end-to-end job)
+#                           `make test` (set up + run the test suite; what CI runs)
+# Both are idempotent: the virtual environment is rebuilt only when its inputs change.
+
+PYTHON ?= python3.11
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.megadual-installed
+RUN    ?= runs/demo
+# One thread per process: the machines this runs on have 2 cores, and oversubscription
+# makes small steps many times slower.
+export OMP_NUM_THREADS ?= 1
+
+EXT_SOURCES := $(wildcard kernels/csrc/*.cpp kernels/csrc/*.h kernels/csrc/cuda/*.cu kernels/csrc/cuda/*.cuh)
+
+.PHONY: setup test demo bench clean
+
+setup: $(STAMP)
+
+# torch==2.13.0 goes in first and alone: anything that depends on torch installed before it
+# would pull the registry's newest (CUDA, multi-GB) build. --no-build-isolation builds the
+# extension against that torch instead of a fresh one in an isolated environment.
+$(STAMP): setup.py $(EXT_SOURCES)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet "setuptools>=70" wheel
+	$(PY) -m pip install --quiet --no-build-isolation -e '.[dev]'
+	touch $@
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+demo: $(STAMP)
+	$(VENV)/bin/megadual demo --out $(RUN)
+
+bench: $(STAMP)
+	$(PY) benchmarks/backbone.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info megadual/_C*.so

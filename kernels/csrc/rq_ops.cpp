@@ -1,0 +1,501 @@
+// Shapes: N rows, D dim, K codes, R depth, C codebooks (1 when shared by all depths, else R).
+//
+// The megadual op schemas, their argument checks, and the CPU kernels of batched residual
+// quantization (RQ) and EMA codebook updates. CUDA kernels live in cuda/rq_cuda.cu; the ops
+// that are plain ATen compositions (EMA apply on CUDA, dead-code restart) are registered here
+// for every device. The PyTorch reference in megadual/ops/reference.py defines the semantics
+// and is the test oracle: keep the two in step.
+
+#include <torch/library.h>
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/Dispatch.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "rq.h"
+
+namespace megadual {
+
+namespace {
+
+// Rows of x per parallel work item, and codes per distance tile. A tile of dots is
+// kTileN x kTileK fp32 = 512 KiB: it stays in a core's L2 between the GEMM that writes it
+// and the argmin that reads it, which is what keeps the search compute-bound at D=32.
+constexpr int64_t kTileN = 128;
+constexpr int64_t kTileK = 1024;
+// Lanes of the vectorised argmin (one AVX-512 register of fp32).
+constexpr int kLanes = 16;
+
+bool is_supported_float(at::ScalarType t) {
+  return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf;
+}
+
+std::string shape_str(const at::Tensor& t) {
+  std::string s = "[";
+  for (int64_t i = 0; i < t.dim(); ++i) {
+    if (i) s += ", ";
+    s += std::to_string(t.size(i));
+  }
+  return s + "]";
+}
+
+// For one tile of distances (rows x kk dot products against codes k0 .. k0+kk), folds the
+// tile's nearest code into (best_val, best_idx). Distance is ||e||^2 - 2 x.e: ||x||^2 is the
+// same for every code of a row, so it cannot change the argmin. -2*dot is exact in fp32,
+// so fused or not the value rounds exactly like the reference's `norms - 2 * dots`.
+// Ties go to the lowest index: each lane scans increasing k with a strict <, lanes are
+// merged by (value, index), the scalar tail only has larger indices, and an earlier tile
+// (smaller indices) is replaced only by a strictly smaller distance.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+__attribute__((target_clones("avx512f", "avx2", "default")))
+#endif
+void argmin_merge_tile(const float* dots, const float* norms, int64_t rows, int64_t kk, int64_t k0,
+                       float* best_val, int64_t* best_idx) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const float* d = dots + i * kk;
+    float lane_val[kLanes];
+    int32_t lane_idx[kLanes];
+    for (int j = 0; j < kLanes; ++j) {
+      lane_val[j] = std::numeric_limits<float>::infinity();
+      lane_idx[j] = 0;
+    }
+    int64_t k = 0;
+    for (; k + kLanes <= kk; k += kLanes) {
+#pragma omp simd
+      for (int j = 0; j < kLanes; ++j) {
+        const float v = norms[k + j] - 2.0f * d[k + j];
+        const bool better = v < lane_val[j];
+        lane_val[j] = better ? v : lane_val[j];
+        lane_idx[j] = better ? static_cast<int32_t>(k + j) : lane_idx[j];
+      }
+    }
+    float tile_val = std::numeric_limits<float>::infinity();
+    int64_t tile_idx = 0;
+    for (int j = 0; j < kLanes; ++j) {
+      if (lane_val[j] < tile_val || (lane_val[j] == tile_val && lane_idx[j] < tile_idx)) {
+        tile_val = lane_val[j];
+        tile_idx = lane_idx[j];
+      }
+    }
+    for (; k < kk; ++k) {
+      const float v = norms[k] - 2.0f * d[k];
+      if (v < tile_val) {
+        tile_val = v;
+        tile_idx = k;
+      }
+    }
+    if (tile_val < best_val[i]) {
+      best_val[i] = tile_val;
+      best_idx[i] = k0 + tile_idx;
+    }
+  }
+}
+
+// Per-code counts and sums of the vectors assigned to each code. With codes [N, R] the
+// vector fed to depth r is the residual x - sum_{j<r} e[codes[:, j]], recomputed here from
+// the codebook instead of being stored (R x N x D would be 8x the input at DualToken's R).
+template <typename scalar_t>
+void accumulate_code_stats_cpu(const at::Tensor& x, const at::Tensor& cbf, const at::Tensor& codes64,
+                               int64_t num_codebooks, float* counts, float* sums) {
+  const int64_t N = x.size(0), D = x.size(1), R = codes64.size(1), K = cbf.size(-2);
+  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  const float* cb = cbf.const_data_ptr<float>();
+  const int64_t* cp = codes64.const_data_ptr<int64_t>();
+  for (int64_t n = 0; n < N; ++n) {
+    for (int64_t r = 0; r < R; ++r) {
+      const int64_t c = num_codebooks == 1 ? 0 : r;
+      counts[c * K + cp[n * R + r]] += 1.0f;
+    }
+  }
+  // Columns are independent (the residual is elementwise), so threads split D: no two
+  // threads ever touch the same sum, and no thread recomputes another's residuals.
+  at::parallel_for(0, D, 16, [&](int64_t d0, int64_t d1) {
+    const int64_t w = d1 - d0;
+    std::vector<float> res(w);
+    for (int64_t n = 0; n < N; ++n) {
+      const scalar_t* xrow = xp + n * D + d0;
+      for (int64_t j = 0; j < w; ++j) res[j] = static_cast<float>(xrow[j]);
+      for (int64_t r = 0; r < R; ++r) {
+        const int64_t c = num_codebooks == 1 ? 0 : r;
+        const int64_t row = (c * K + cp[n * R + r]) * D + d0;
+        float* s = sums + row;
+        const float* e = cb + row;
+#pragma omp simd
+        for (int64_t j = 0; j < w; ++j) {
+          s[j] += res[j];
+          res[j] -= e[j];
+        }
+      }
+    }
+  });
+}
+
+// cluster_size <- decay * cluster_size + (1 - decay) * counts, same for embed_sum, then
+// codebook <- embed_sum / smoothed count, where the Laplace-smoothed count
+// (c + eps) / (n + K * eps) * n keeps rarely used codes from dividing by ~0 while
+// preserving the total n.
+void ema_apply_cpu_impl(float* cs, float* es, float* cb, const float* counts, const float* sums,
+                        int64_t num_codebooks, int64_t K, int64_t D, double decay, double eps) {
+  const float a = static_cast<float>(decay), b = static_cast<float>(1.0 - decay);
+  const float e = static_cast<float>(eps);
+  for (int64_t c = 0; c < num_codebooks; ++c) {
+    float* csc = cs + c * K;
+    const float* cnt = counts + c * K;
+    double total = 0.0;
+    for (int64_t k = 0; k < K; ++k) {
+      csc[k] = a * csc[k] + b * cnt[k];
+      total += csc[k];
+    }
+    const float n = static_cast<float>(total);
+    const float denom = n + static_cast<float>(K) * e;
+    at::parallel_for(0, K, 64, [&](int64_t k0, int64_t k1) {
+      for (int64_t k = k0; k < k1; ++k) {
+        const float smoothed = (csc[k] + e) / denom * n;
+        const int64_t off = (c * K + k) * D;
+        float* esr = es + off;
+        float* cbr = cb + off;
+        const float* sr = sums + off;
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) {
+          esr[d] = a * esr[d] + b * sr[d];
+          cbr[d] = esr[d] / smoothed;
+        }
+      }
+    });
+  }
+}
+
+at::Tensor codes_as_long_2d(const at::Tensor& codes) {
+  at::Tensor c = codes.to(at::kLong).contiguous();
+  return c.dim() == 1 ? c.unsqueeze(1) : c;
+}
+
+}  // namespace
+
+// ------------------------------------------------------------------------------------------
+// Argument checks (shared with the CUDA unit). Messages name the value and the fix.
+
+int64_t check_rq_encode_args(const at::Tensor& x, const at::Tensor& codebooks, int64_t depth,
+                             std::optional<at::ScalarType> codes_dtype) {
+  TORCH_CHECK_VALUE(x.dim() == 2, "rq_encode: x must be 2-D [N, D], got shape ", shape_str(x),
+                    "; flatten leading dims with x.reshape(-1, x.shape[-1])");
+  TORCH_CHECK_VALUE(is_supported_float(x.scalar_type()), "rq_encode: x dtype must be float32, bfloat16 or float16, got ",
+                    x.scalar_type(), "; cast it with x.float()");
+  TORCH_CHECK_VALUE(is_supported_float(codebooks.scalar_type()),
+                    "rq_encode: codebook dtype must be float32, bfloat16 or float16, got ", codebooks.scalar_type(),
+                    "; cast it with codebook.float()");
+  TORCH_CHECK_VALUE(x.is_contiguous(), "rq_encode: x must be contiguous (strides ", x.strides(),
+                    "); call x.contiguous()");
+  TORCH_CHECK_VALUE(codebooks.is_contiguous(), "rq_encode: codebook must be contiguous; call codebook.contiguous()");
+  TORCH_CHECK_VALUE(depth >= 1, "rq_encode: depth R must be >= 1, got ", depth);
+  TORCH_CHECK_VALUE(x.size(0) > 0, "rq_encode: empty batch (x has shape ", shape_str(x),
+                    "); skip the call when there are no rows");
+  TORCH_CHECK_VALUE(codebooks.dim() == 2 || codebooks.dim() == 3,
+                    "rq_encode: codebook must be [K, D] (shared by all depths) or [R, K, D] (one per depth), got shape ",
+                    shape_str(codebooks));
+  if (codebooks.dim() == 3) {
+    TORCH_CHECK_VALUE(codebooks.size(0) == depth, "rq_encode: got ", codebooks.size(0),
+                      " per-depth codebooks for depth R=", depth,
+                      "; pass one codebook per depth or a single [K, D] codebook shared by all depths");
+  }
+  TORCH_CHECK_VALUE(codebooks.size(-2) > 0, "rq_encode: codebook has no codes (shape ", shape_str(codebooks), ")");
+  TORCH_CHECK_VALUE(codebooks.size(-1) == x.size(1), "rq_encode: codebook dim D=", codebooks.size(-1),
+                    " does not match x dim D=", x.size(1), "; project x to the codebook dim first");
+  TORCH_CHECK_VALUE(codebooks.device() == x.device(), "rq_encode: x is on ", x.device(), " but the codebook is on ",
+                    codebooks.device(), "; move both to one device");
+  if (codes_dtype.has_value()) {
+    TORCH_CHECK_VALUE(*codes_dtype == at::kLong || *codes_dtype == at::kInt,
+                      "rq_encode: codes_dtype must be torch.int64 or torch.int32, got ", *codes_dtype);
+  }
+  return codebooks.dim() == 2 ? 1 : depth;
+}
+
+int64_t check_code_stats_args(const char* op, const at::Tensor& x, const at::Tensor& codebooks,
+                              const at::Tensor& codes) {
+  TORCH_CHECK_VALUE(x.dim() == 2, op, ": x must be 2-D [N, D], got shape ", shape_str(x));
+  TORCH_CHECK_VALUE(is_supported_float(x.scalar_type()), op, ": x dtype must be float32, bfloat16 or float16, got ",
+                    x.scalar_type(), "; cast it with x.float()");
+  TORCH_CHECK_VALUE(x.is_contiguous(), op, ": x must be contiguous; call x.contiguous()");
+  TORCH_CHECK_VALUE(x.size(0) > 0, op, ": empty batch (x has shape ", shape_str(x), "); skip the update");
+  TORCH_CHECK_VALUE(codes.scalar_type() == at::kLong || codes.scalar_type() == at::kInt, op,
+                    ": codes must be int64 or int32, got ", codes.scalar_type());
+  TORCH_CHECK_VALUE(codes.dim() == 1 || codes.dim() == 2, op,
+                    ": codes must be [N] (one vector per row) or [N, R] (residual codes of x), got shape ",
+                    shape_str(codes));
+  TORCH_CHECK_VALUE(codes.size(0) == x.size(0), op, ": codes has ", codes.size(0), " rows but x has ", x.size(0));
+  const int64_t R = codes.dim() == 2 ? codes.size(1) : 1;
+  TORCH_CHECK_VALUE(R >= 1, op, ": codes has depth R=0; pass at least one code per row");
+  TORCH_CHECK_VALUE(codebooks.dim() == 2 || codebooks.dim() == 3, op,
+                    ": codebook must be [K, D] or [R, K, D], got shape ", shape_str(codebooks));
+  if (codebooks.dim() == 3) {
+    TORCH_CHECK_VALUE(codebooks.size(0) == R, op, ": got ", codebooks.size(0), " per-depth codebooks but codes has depth R=",
+                      R);
+  }
+  TORCH_CHECK_VALUE(codebooks.size(-1) == x.size(1), op, ": codebook dim D=", codebooks.size(-1),
+                    " does not match x dim D=", x.size(1));
+  TORCH_CHECK_VALUE(codebooks.device() == x.device() && codes.device() == x.device(), op,
+                    ": x, codes and codebook must be on one device, got ", x.device(), ", ", codes.device(), ", ",
+                    codebooks.device());
+  const int64_t K = codebooks.size(-2);
+  TORCH_CHECK_VALUE(K > 0, op, ": codebook has no codes");
+  const int64_t lo = codes.min().item<int64_t>(), hi = codes.max().item<int64_t>();
+  TORCH_CHECK_VALUE(lo >= 0 && hi < K, op, ": codes must lie in [0, K=", K, "), got min ", lo, " and max ", hi,
+                    "; were they produced with a different codebook?");
+  return R;
+}
+
+void check_ema_state_args(const char* op, const at::Tensor& cluster_size, const at::Tensor& embed_sum,
+                          const at::Tensor& codebook, double decay, double eps) {
+  for (const at::Tensor* t : {&cluster_size, &embed_sum, &codebook}) {
+    TORCH_CHECK_VALUE(t->scalar_type() == at::kFloat, op,
+                      ": EMA state (cluster_size, embed_sum, codebook) must be float32, got ", t->scalar_type(),
+                      "; keep the codebook buffers in float32");
+    TORCH_CHECK_VALUE(t->is_contiguous(), op, ": EMA state must be contiguous; call .contiguous() on the buffers");
+    TORCH_CHECK_VALUE(t->device() == codebook.device(), op, ": EMA state tensors must be on one device");
+  }
+  TORCH_CHECK_VALUE(codebook.dim() == 2 || codebook.dim() == 3, op, ": codebook must be [K, D] or [R, K, D], got shape ",
+                    shape_str(codebook));
+  TORCH_CHECK_VALUE(embed_sum.sizes() == codebook.sizes(), op, ": embed_sum shape ", shape_str(embed_sum),
+                    " must equal the codebook shape ", shape_str(codebook));
+  TORCH_CHECK_VALUE(cluster_size.sizes() == codebook.sizes().slice(0, codebook.dim() - 1), op, ": cluster_size shape ",
+                    shape_str(cluster_size), " must be the codebook shape ", shape_str(codebook), " without its last dim");
+  TORCH_CHECK_VALUE(decay >= 0.0 && decay < 1.0, op, ": decay must be in [0, 1), got ", decay);
+  TORCH_CHECK_VALUE(eps > 0.0, op, ": eps must be > 0, got ", eps);
+}
+
+// ------------------------------------------------------------------------------------------
+// CPU kernels.
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> rq_encode_cpu(const at::Tensor& x, const at::Tensor& codebooks,
+                                                             int64_t depth, bool return_cumulative,
+                                                             std::optional<at::ScalarType> codes_dtype, int64_t tile_n,
+                                                             int64_t tile_k) {
+  const int64_t C = check_rq_encode_args(x, codebooks, depth, codes_dtype);
+  const int64_t N = x.size(0), D = x.size(1), K = codebooks.size(-2);
+  const at::Tensor cbf = codebooks.to(at::kFloat).contiguous();
+  // Same expression as the reference so the precomputed norms match it bit for bit.
+  const at::Tensor norms = (cbf * cbf).sum(-1).contiguous();
+  const int64_t tn = std::min(N, tile_n > 0 ? tile_n : kTileN);
+  const int64_t tk = std::min(K, tile_k > 0 ? tile_k : kTileK);
+
+  at::Tensor codes = at::empty({N, depth}, x.options().dtype(at::kLong));
+  at::Tensor quantized = at::empty_like(x);
+  at::Tensor cumulative = return_cumulative ? at::empty({depth, N, D}, x.options()) : at::empty({0}, x.options());
+
+  // Views built once: the transposed codebook tiles each GEMM multiplies against.
+  std::vector<at::Tensor> cb_tiles;  // [C * num_k_tiles], each [D, kk]
+  const int64_t num_k_tiles = (K + tk - 1) / tk;
+  for (int64_t c = 0; c < C; ++c) {
+    const at::Tensor cb_c = C == 1 ? cbf : cbf.select(0, c);
+    for (int64_t t = 0; t < num_k_tiles; ++t) {
+      cb_tiles.push_back(cb_c.narrow(0, t * tk, std::min(tk, K - t * tk)).t());
+    }
+  }
+  const float* cbp = cbf.const_data_ptr<float>();
+  const float* normp = norms.const_data_ptr<float>();
+  int64_t* codesp = codes.mutable_data_ptr<int64_t>();
+  const int64_t num_blocks = (N + tn - 1) / tn;
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "rq_encode_cpu", [&] {
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    scalar_t* qp = quantized.mutable_data_ptr<scalar_t>();
+    scalar_t* cump = return_cumulative ? cumulative.mutable_data_ptr<scalar_t>() : nullptr;
+    // Rows are independent across all depths, so a thread keeps its block's residual in
+    // cache through the whole greedy search.
+    at::parallel_for(0, num_blocks, 1, [&](int64_t b0, int64_t b1) {
+      const auto f32 = at::TensorOptions().dtype(at::kFloat);
+      at::Tensor res_t = at::empty({tn, D}, f32);
+      at::Tensor dots_t = at::empty({tn * tk}, f32);
+      std::vector<float> q(tn * D), best_val(tn);
+      std::vector<int64_t> best_idx(tn);
+      float* res = res_t.mutable_data_ptr<float>();
+      const float* dots = dots_t.const_data_ptr<float>();
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t n0 = b * tn, rows = std::min(tn, N - n0);
+        const at::Tensor res_rows = res_t.narrow(0, 0, rows);
+        for (int64_t i = 0; i < rows * D; ++i) res[i] = static_cast<float>(xp[n0 * D + i]);
+        std::fill(q.begin(), q.begin() + rows * D, 0.0f);
+        for (int64_t r = 0; r < depth; ++r) {
+          const int64_t c = C == 1 ? 0 : r;
+          std::fill(best_val.begin(), best_val.end(), std::numeric_limits<float>::infinity());
+          std::fill(best_idx.begin(), best_idx.end(), 0);
+          for (int64_t t = 0; t < num_k_tiles; ++t) {
+            const int64_t k0 = t * tk, kk = std::min(tk, K - k0);
+            at::Tensor out = dots_t.narrow(0, 0, rows * kk).view({rows, kk});
+            at::mm_out(out, res_rows, cb_tiles[c * num_k_tiles + t]);
+            argmin_merge_tile(dots, normp + c * K + k0, rows, kk, k0, best_val.data(), best_idx.data());
+          }
+          for (int64_t i = 0; i < rows; ++i) {
+            const int64_t code = best_idx[i];
+            codesp[(n0 + i) * depth + r] = code;
+            const float* e = cbp + (c * K + code) * D;
+            float* resi = res + i * D;
+            float* qi = q.data() + i * D;
+#pragma omp simd
+            for (int64_t d = 0; d < D; ++d) {
+              resi[d] -= e[d];
+              qi[d] += e[d];
+            }
+            if (cump != nullptr) {
+              scalar_t* out_row = cump + (r * N + n0 + i) * D;
+              for (int64_t d = 0; d < D; ++d) out_row[d] = static_cast<scalar_t>(qi[d]);
+            }
+          }
+        }
+        for (int64_t i = 0; i < rows * D; ++i) qp[n0 * D + i] = static_cast<scalar_t>(q[i]);
+      }
+    });
+  });
+  if (codes_dtype.has_value() && *codes_dtype == at::kInt) codes = codes.to(at::kInt);
+  return {codes, quantized, cumulative};
+}
+
+std::tuple<at::Tensor, at::Tensor> rq_code_stats_cpu(const at::Tensor& x, const at::Tensor& codebooks,
+                                                     const at::Tensor& codes) {
+  check_code_stats_args("rq_code_stats", x, codebooks, codes);
+  const int64_t C = codebooks.dim() == 2 ? 1 : codebooks.size(0);
+  const at::Tensor cbf = codebooks.to(at::kFloat).contiguous();
+  const at::Tensor codes64 = codes_as_long_2d(codes);
+  const auto f32 = x.options().dtype(at::kFloat);
+  at::Tensor counts = at::zeros(codebooks.sizes().slice(0, codebooks.dim() - 1), f32);
+  at::Tensor sums = at::zeros(codebooks.sizes(), f32);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "rq_code_stats_cpu", [&] {
+    accumulate_code_stats_cpu<scalar_t>(x, cbf, codes64, C, counts.mutable_data_ptr<float>(),
+                                        sums.mutable_data_ptr<float>());
+  });
+  return {counts, sums};
+}
+
+void ema_apply_cpu(at::Tensor& cluster_size, at::Tensor& embed_sum, at::Tensor& codebook, const at::Tensor& counts,
+                   const at::Tensor& sums, double decay, double eps) {
+  check_ema_state_args("ema_apply_", cluster_size, embed_sum, codebook, decay, eps);
+  TORCH_CHECK_VALUE(counts.sizes() == cluster_size.sizes() && sums.sizes() == embed_sum.sizes(),
+                    "ema_apply_: counts ", shape_str(counts), " / sums ", shape_str(sums),
+                    " must match cluster_size ", shape_str(cluster_size), " / embed_sum ", shape_str(embed_sum));
+  const at::Tensor c = counts.to(at::kFloat).contiguous(), s = sums.to(at::kFloat).contiguous();
+  const int64_t C = codebook.dim() == 2 ? 1 : codebook.size(0);
+  ema_apply_cpu_impl(cluster_size.mutable_data_ptr<float>(), embed_sum.mutable_data_ptr<float>(),
+                     codebook.mutable_data_ptr<float>(), c.const_data_ptr<float>(), s.const_data_ptr<float>(), C,
+                     codebook.size(-2), codebook.size(-1), decay, eps);
+}
+
+// Fused: count + scatter-add into one K x D scratch, then one pass over K that applies the
+// EMA and the smoothed normalisation. The scratch is O(K * D); nothing O(N * K) or O(R * N * D).
+void ema_update_cpu(at::Tensor& cluster_size, at::Tensor& embed_sum, at::Tensor& codebook, const at::Tensor& x,
+                    const at::Tensor& codes, double decay, double eps) {
+  check_ema_state_args("ema_update_", cluster_size, embed_sum, codebook, decay, eps);
+  check_code_stats_args("ema_update_", x, codebook, codes);
+  const int64_t C = codebook.dim() == 2 ? 1 : codebook.size(0);
+  const int64_t K = codebook.size(-2), D = codebook.size(-1);
+  const at::Tensor codes64 = codes_as_long_2d(codes);
+  std::vector<float> counts(C * K, 0.0f), sums(C * K * D, 0.0f);
+  // The codebook is read (residuals) before it is overwritten (normalisation) below.
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "ema_update_cpu", [&] {
+    accumulate_code_stats_cpu<scalar_t>(x, codebook, codes64, C, counts.data(), sums.data());
+  });
+  ema_apply_cpu_impl(cluster_size.mutable_data_ptr<float>(), embed_sum.mutable_data_ptr<float>(),
+                     codebook.mutable_data_ptr<float>(), counts.data(), sums.data(), C, K, D, decay, eps);
+}
+
+// ------------------------------------------------------------------------------------------
+// Device-generic compositions of ATen ops (registered for CPU and CUDA alike).
+
+namespace {
+
+void ema_apply_composite(at::Tensor& cluster_size, at::Tensor& embed_sum, at::Tensor& codebook,
+                         const at::Tensor& counts, const at::Tensor& sums, double decay, double eps) {
+  check_ema_state_args("ema_apply_", cluster_size, embed_sum, codebook, decay, eps);
+  TORCH_CHECK_VALUE(counts.sizes() == cluster_size.sizes() && sums.sizes() == embed_sum.sizes(),
+                    "ema_apply_: counts ", shape_str(counts), " / sums ", shape_str(sums),
+                    " must match cluster_size ", shape_str(cluster_size), " / embed_sum ", shape_str(embed_sum));
+  const int64_t K = codebook.size(-2);
+  cluster_size.mul_(decay).add_(counts, 1.0 - decay);
+  embed_sum.mul_(decay).add_(sums, 1.0 - decay);
+  const at::Tensor n = cluster_size.sum(-1, /*keepdim=*/true);
+  const at::Tensor smoothed = (cluster_size + eps) / (n + static_cast<double>(K) * eps) * n;
+  codebook.copy_(embed_sum / smoothed.unsqueeze(-1));
+}
+
+void ema_update_composite(at::Tensor& cluster_size, at::Tensor& embed_sum, at::Tensor& codebook, const at::Tensor& x,
+                          const at::Tensor& codes, double decay, double eps) {
+  check_ema_state_args("ema_update_", cluster_size, embed_sum, codebook, decay, eps);
+  static auto stats_op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("megadual::rq_code_stats", "")
+                             .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                                       const at::Tensor&)>();
+  auto [counts, sums] = stats_op.call(x, codebook, codes);
+  ema_apply_composite(cluster_size, embed_sum, codebook, counts, sums, decay, eps);
+}
+
+// Dead codes (EMA count < threshold) take randomly chosen rows of `samples`: distinct rows
+// (a permutation prefix) when there are enough, otherwise drawn with replacement. The draw
+// is the reference's draw, call for call, so a seeded generator gives the same codebook.
+at::Tensor dead_code_restart_composite(at::Tensor& cluster_size, at::Tensor& embed_sum, at::Tensor& codebook,
+                                       const at::Tensor& samples, double threshold,
+                                       std::optional<at::Generator> generator) {
+  check_ema_state_args("dead_code_restart_", cluster_size, embed_sum, codebook, 0.0, 1.0);
+  TORCH_CHECK_VALUE(codebook.dim() == 2, "dead_code_restart_: codebook must be [K, D], got shape ",
+                    shape_str(codebook), "; call it once per depth for per-depth codebooks");
+  TORCH_CHECK_VALUE(samples.dim() == 2 && samples.size(1) == codebook.size(1),
+                    "dead_code_restart_: samples must be [S, D=", codebook.size(1), "], got shape ", shape_str(samples));
+  TORCH_CHECK_VALUE(is_supported_float(samples.scalar_type()),
+                    "dead_code_restart_: samples dtype must be float32, bfloat16 or float16, got ",
+                    samples.scalar_type());
+  TORCH_CHECK_VALUE(samples.size(0) > 0, "dead_code_restart_: empty batch (no samples to restart codes from)");
+  TORCH_CHECK_VALUE(samples.device() == codebook.device(), "dead_code_restart_: samples are on ", samples.device(),
+                    " but the codebook is on ", codebook.device());
+  TORCH_CHECK_VALUE(threshold >= 0.0, "dead_code_restart_: threshold must be >= 0, got ", threshold);
+  at::Tensor dead = (cluster_size < threshold).nonzero().select(1, 0);
+  const int64_t M = dead.numel(), S = samples.size(0);
+  if (M == 0) return dead;
+  const at::Device gen_device = generator.has_value() ? generator->device() : samples.device();
+  const auto idx_opts = at::TensorOptions().dtype(at::kLong).device(gen_device);
+  at::Tensor rows = S >= M ? at::randperm(S, generator, idx_opts).narrow(0, 0, M) : at::randint(S, {M}, generator, idx_opts);
+  const at::Tensor repl = samples.index_select(0, rows.to(samples.device())).to(at::kFloat);
+  codebook.index_copy_(0, dead, repl);
+  embed_sum.index_copy_(0, dead, repl * threshold);
+  cluster_size.index_fill_(0, dead, threshold);
+  return dead;
+}
+
+}  // namespace
+
+}  // namespace megadual
+
+// ------------------------------------------------------------------------------------------
+// Schemas: the single declaration of each op. Fake (meta) kernels: megadual/ops/_fake.py.
+
+TORCH_LIBRARY(megadual, m) {
+  m.def(
+      "rq_encode(Tensor x, Tensor codebooks, int depth, bool return_cumulative=False, "
+      "ScalarType? codes_dtype=None, int tile_n=0, int tile_k=0) -> (Tensor codes, Tensor quantized, Tensor cumulative)");
+  m.def("rq_code_stats(Tensor x, Tensor codebooks, Tensor codes) -> (Tensor counts, Tensor sums)");
+  m.def(
+      "ema_apply_(Tensor(a!) cluster_size, Tensor(b!) embed_sum, Tensor(c!) codebook, Tensor counts, Tensor sums, "
+      "float decay, float eps) -> ()");
+  m.def(
+      "ema_update_(Tensor(a!) cluster_size, Tensor(b!) embed_sum, Tensor(c!) codebook, Tensor x, Tensor codes, "
+      "float decay, float eps) -> ()");
+  m.def(
+      "dead_code_restart_(Tensor(a!) cluster_size, Tensor(b!) embed_sum, Tensor(c!) codebook, Tensor samples, "
+      "float threshold=1.0, Generator? generator=None) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(megadual, CPU, m) {
+  m.impl("rq_encode", &megadual::rq_encode_cpu);
+  m.impl("rq_code_stats", &megadual::rq_code_stats_cpu);
+  m.impl("ema_apply_", &megadual::ema_apply_cpu);
+  m.impl("ema_update_", &megadual::ema_update_cpu);
+  m.impl("dead_code_restart_", &megadual::dead_code_restart_composite);
+}
+
+// rq_encode and rq_code_stats have CUDA kernels in cuda/rq_cuda.cu (built only with CUDA).
+TORCH_LIBRARY_IMPL(megadual, CUDA, m) {
+  m.impl("ema_apply_", &megadual::ema_apply_composite);
+  m.impl("ema_update_", &megadual::ema_update_composite);
+  m.impl("dead_code_restart_", &megadual::dead_code_restart_composite);
+}

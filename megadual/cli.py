@@ -1,0 +1,201 @@
+"""The `megadual` command: a registry of subcommands with lazily imported handlers.
+
+Adding a subcommand is one entry in `COMMANDS` below:
+
+    Command(
+        "train-lm",
+        "train the backbone as a language model",
+        add_arguments=add_config_arguments,          # must be cheap: runs for --help
+        handler="megadual.train.lm:main",           # imported only when the command runs
+    ),
+
+`add_arguments(parser)` adds the subcommand's flags and is defined somewhere cheap to
+import (this module, or `megadual.config`); `handler` is a "module:function" string,
+so `megadual --help` never imports torch or DeepSpeed. The handler receives the parsed
+`argparse.Namespace` and returns an exit code (None means 0). Subcommands taking a
+config use `add_config_arguments` and call `megadual.config.config_from_args(args)`.
+A group of subcommands (`megadual config show|check`) is a `Command` with `subcommands`.
+
+Errors a user can cause (bad flags, `ConfigError`/`ValueError`/`FileNotFoundError` from a
+handler) print one line, `megadual: error: ...`, and exit 2. Set MEGADUAL_DEBUG=1 to get
+the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from dataclasses import dataclass
+from typing import Callable, NoReturn, Optional, Sequence
+
+from megadual import __version__
+from megadual.config import add_config_arguments, config_from_args, config_to_yaml
+
+PROG = "megadual"
+EXIT_USAGE = 2
+
+# Errors a user can cause and fix; anything else is a bug and keeps its traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError)
+
+
+@dataclass(frozen=True)
+class Command:
+    """One subcommand (or a group of them).
+
+    Args:
+        name: the word on the command line.
+        help: one line for `megadual --help`.
+        add_arguments: adds this command's arguments to its parser; must be cheap.
+        handler: "module:function" run with the parsed Namespace; imported lazily.
+        subcommands: for a group (e.g. `config`): its children; then no handler.
+        description: longer text for `megadual NAME --help` (defaults to `help`).
+    """
+
+    name: str
+    help: str
+    add_arguments: Optional[Callable[[argparse.ArgumentParser], None]] = None
+    handler: Optional[str] = None
+    subcommands: tuple["Command", ...] = ()
+    description: Optional[str] = None
+
+
+# --------------------------------------------------------------------------- handlers kept here
+
+
+def _config_show(args: argparse.Namespace) -> int:
+    """Print the resolved config (files merged, overrides applied, validated) as YAML."""
+    sys.stdout.write(config_to_yaml(config_from_args(args)))
+    return 0
+
+
+def _config_check(args: argparse.Namespace) -> int:
+    """Validate the config; print "ok"."""
+    config_from_args(args)
+    print("ok")
+    return 0
+
+
+# --------------------------------------------------------------------------- the registry
+
+COMMANDS: list[Command] = [
+    Command(
+        "config",
+        "inspect and validate YAML configs",
+        subcommands=(
+            Command(
+                "show",
+                "print the resolved config (files merged in order, --set applied) as YAML",
+                add_arguments=add_config_arguments,
+                handler="megadual.cli:_config_show",
+            ),
+            Command(
+                "check",
+                "validate a config (types, unknown keys, combinations); prints 'ok'",
+                add_arguments=add_config_arguments,
+                handler="megadual.cli:_config_check",
+            ),
+        ),
+    ),
+    # Later issues add their subcommands here, e.g.
+    #   Command("train-lm", "...", add_arguments=add_config_arguments, handler="megadual.train.lm:main"),
+    #   Command("demo", "...", add_arguments=_add_demo_arguments, handler="megadual.train.demo:main"),
+]
+
+
+# --------------------------------------------------------------------------- parser
+
+
+class _Parser(argparse.ArgumentParser):
+    """ArgumentParser whose errors are one line: `megadual: error: ... (see '... --help')`."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{PROG}: error: {_one_line(message)} (see '{self.prog} --help')\n")
+
+
+def _add_commands(subparsers, commands: Sequence[Command], path: str) -> None:
+    for cmd in commands:
+        parser = subparsers.add_parser(
+            cmd.name, help=cmd.help, description=cmd.description or cmd.help, prog=f"{path} {cmd.name}"
+        )
+        if cmd.subcommands:
+            children = parser.add_subparsers(title="commands", metavar="COMMAND", parser_class=_Parser)
+            _add_commands(children, cmd.subcommands, f"{path} {cmd.name}")
+            parser.set_defaults(_group=parser, _choices=[c.name for c in cmd.subcommands], _handler=None)
+        else:
+            if cmd.handler is None:
+                raise TypeError(f"Command {cmd.name!r} has neither a handler nor subcommands")
+            if cmd.add_arguments is not None:
+                cmd.add_arguments(parser)
+            parser.set_defaults(_group=None, _handler=cmd.handler)
+
+
+def build_parser(commands: Optional[Sequence[Command]] = None) -> argparse.ArgumentParser:
+    """The top-level parser with every registered subcommand.
+
+    Args:
+        commands: the registry to build from (default `COMMANDS`).
+
+    Returns:
+        An ArgumentParser; parsed namespaces carry `_handler` ("module:function" or None).
+    """
+    parser = _Parser(
+        prog=PROG,
+        description="MegaDual: train DualToken-style unified vision-language models.",
+        epilog=f"Run '{PROG} COMMAND --help' for a command's options. MEGADUAL_DEBUG=1 shows tracebacks.",
+    )
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    commands = COMMANDS if commands is None else commands
+    sub = parser.add_subparsers(title="commands", metavar="COMMAND", parser_class=_Parser)
+    _add_commands(sub, commands, PROG)
+    parser.set_defaults(_group=parser, _choices=[c.name for c in commands], _handler=None)
+    return parser
+
+
+def _resolve(handler: str) -> Callable[[argparse.Namespace], Optional[int]]:
+    module_name, _, func_name = handler.partition(":")
+    if not func_name:
+        raise TypeError(f"handler {handler!r} must be 'module:function'")
+    return getattr(importlib.import_module(module_name), func_name)
+
+
+def _one_line(text: str) -> str:
+    return " | ".join(line.strip() for line in str(text).strip().splitlines() if line.strip()) or "(no message)"
+
+
+def _debug() -> bool:
+    return os.environ.get("MEGADUAL_DEBUG", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the `megadual` console script.
+
+    Args:
+        argv: arguments without the program name (default: sys.argv[1:]).
+
+    Returns:
+        The exit code (0 ok; 2 usage or config error). `--help` and argument errors raise
+        SystemExit, as argparse does; the console script passes it through.
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args._handler is None:
+        args._group.error(f"choose a command: {', '.join(args._choices)}")
+    try:
+        result = _resolve(args._handler)(args)
+    except USER_ERRORS as exc:
+        if _debug():
+            raise
+        print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        if _debug():
+            raise
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    return 0 if result is None else int(result)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

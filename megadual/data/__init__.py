@@ -1,0 +1,1 @@
+"""Datasets, shard schema, packing and loaders. Imports only megadual.config, never models."""

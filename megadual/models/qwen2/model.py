@@ -1,0 +1,153 @@
+"""The Qwen2/Qwen2.5 decoder and its causal-LM head.
+
+Legend: B batch, T time, D hidden, V vocabulary, N = B*T tokens.
+
+`Qwen2Model` maps token ids (or ready embeddings, for the multimodal model) to final hidden
+states; `Qwen2ForCausalLM` adds the (optionally tied) output projection and returns logits.
+Packed input: pass `position_ids` that restart per document and `cu_seqlens`, the document
+offsets over the N flattened tokens; no token then attends across a document boundary.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from megadual.config.schema import BackboneConfig
+
+from .attention import plan_attention
+from .layers import DecoderLayer, RotaryEmbedding
+
+
+def default_position_ids(batch: int, seq_len: int, device: torch.device) -> torch.Tensor:
+    """Positions 0..T-1 for every row. Shape [B, T]."""
+    return torch.arange(seq_len, device=device).expand(batch, seq_len)
+
+
+class Qwen2Model(nn.Module):
+    """Embedding, decoder layers and final norm.
+
+    Args:
+        cfg: the backbone section of the config.
+    """
+
+    def __init__(self, cfg: BackboneConfig):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.rotary = RotaryEmbedding(cfg.resolved_head_dim, cfg.rope_theta)
+        # Recompute each layer's activations in backward instead of storing them.
+        self.activation_checkpointing = False
+
+    def check_token_ids(self, input_ids: torch.Tensor) -> None:
+        """Raise ValueError if any id lies outside [0, vocab_size): an embedding lookup would
+        otherwise crash on CPU or read garbage on GPU."""
+        if input_ids.numel() == 0:
+            return
+        low, high = torch.aminmax(input_ids)
+        low, high = int(low), int(high)
+        if low < 0 or high >= self.cfg.vocab_size:
+            bad = high if high >= self.cfg.vocab_size else low
+            raise ValueError(
+                f"token id {bad} is outside the vocabulary [0, {self.cfg.vocab_size}); check the text "
+                "tokenizer matches backbone.vocab_size"
+            )
+
+    def forward(
+        self,
+        input_ids: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.Tensor] = None,
+        cu_seqlens: Optional[torch.Tensor] = None,
+        inputs_embeds: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """Run the decoder.
+
+        Args:
+            input_ids: int64 [B, T] token ids; exactly one of this and `inputs_embeds`.
+            position_ids: int [B, T]; default 0..T-1 per row.
+            cu_seqlens: int [num_docs + 1] document offsets over the B*T flattened tokens
+                (packed input), or None when each row is one sequence.
+            inputs_embeds: [B, T, D] embeddings to use instead of looking up `input_ids`.
+
+        Returns:
+            Final-norm hidden states [B, T, D].
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        if inputs_embeds is None:
+            if input_ids.dim() != 2:
+                raise ValueError(f"input_ids must be [batch, seq_len], got shape {tuple(input_ids.shape)}")
+            if self.cfg.check_token_ids:
+                self.check_token_ids(input_ids)
+            inputs_embeds = self.embed_tokens(input_ids)
+        b, t, _ = inputs_embeds.shape
+        if position_ids is None:
+            position_ids = default_position_ids(b, t, inputs_embeds.device)
+        elif position_ids.shape != (b, t):
+            raise ValueError(f"position_ids must have shape {(b, t)}, got {tuple(position_ids.shape)}")
+
+        plan = plan_attention(b, t, inputs_embeds.device, inputs_embeds.dtype, cu_seqlens, self.cfg.attn_impl)
+        rope = self.rotary(position_ids, inputs_embeds.dtype)
+        x = inputs_embeds
+        for layer in self.layers:
+            if self.activation_checkpointing and self.training:
+                x = checkpoint(layer, x, rope, plan, use_reentrant=False)
+            else:
+                x = layer(x, rope, plan)
+        return self.norm(x)
+
+
+class Qwen2ForCausalLM(nn.Module):
+    """Qwen2 decoder plus output projection; `forward` returns logits [B, T, V].
+
+    With `cfg.tie_embeddings` the output projection shares the input embedding's weight.
+    """
+
+    def __init__(self, cfg: BackboneConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.backbone = Qwen2Model(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """Share embedding and output weights when configured; call again after any load that
+        replaces parameters (e.g. `load_state_dict(..., assign=True)`)."""
+        if self.cfg.tie_embeddings:
+            self.lm_head.weight = self.backbone.embed_tokens.weight
+
+    @torch.no_grad()
+    def init_weights(self, generator: Optional[torch.Generator] = None) -> None:
+        """Normal(0, init_std) for linear and embedding weights, zeros for biases, ones for norms."""
+        std = self.cfg.init_std
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                module.weight.normal_(0.0, std, generator=generator)
+                if getattr(module, "bias", None) is not None:
+                    module.bias.zero_()
+            elif isinstance(module, nn.RMSNorm):
+                module.weight.fill_(1.0)
+
+    def forward(
+        self,
+        input_ids: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.Tensor] = None,
+        cu_seqlens: Optional[torch.Tensor] = None,
+        inputs_embeds: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """Logits [B, T, V] (same arguments as `Qwen2Model.forward`)."""
+        return self.lm_head(self.backbone(input_ids, position_ids, cu_seqlens, inputs_embeds))
+
+
+def build_qwen2(cfg: BackboneConfig, seed: Optional[int] = None) -> Qwen2ForCausalLM:
+    """A randomly initialised causal LM (deterministic given `seed`)."""
+    model = Qwen2ForCausalLM(cfg)
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    model.init_weights(generator)
+    return model

@@ -1,0 +1,1 @@
+"""Trainers, checkpoints, schedules and metrics."""
