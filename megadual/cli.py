@@ -37,7 +37,15 @@ PROG = "megadual"
 EXIT_USAGE = 2
 
 # Errors a user can cause and fix; anything else is a bug and keeps its traceback.
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError)
+# (ConfigError is a ValueError.) Filesystem errors are the user's paths: missing, unwritable.
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    ValueError,
+    FileNotFoundError,
+    FileExistsError,
+    IsADirectoryError,
+    NotADirectoryError,
+    PermissionError,
+)
 
 
 @dataclass(frozen=True)
@@ -77,6 +85,22 @@ def _config_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_train_lm_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser)
+    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in run.out_dir")
+
+
+def _add_demo_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", default="runs/demo", help="run directory (default: runs/demo)")
+    parser.add_argument(
+        "--config", default="configs/debug/lm.yaml", help="backbone LM config (default: configs/debug/lm.yaml)"
+    )
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value (parsed as YAML)")
+    parser.add_argument("--quick", action="store_true", help="a short smoke version of every stage")
+    parser.add_argument("--force", action="store_true", help="redo finished stages instead of reusing them")
+
+
 # --------------------------------------------------------------------------- the registry
 
 COMMANDS: list[Command] = [
@@ -98,9 +122,18 @@ COMMANDS: list[Command] = [
             ),
         ),
     ),
-    # Later issues add their subcommands here, e.g.
-    #   Command("train-lm", "...", add_arguments=add_config_arguments, handler="megadual.train.lm:main"),
-    #   Command("demo", "...", add_arguments=_add_demo_arguments, handler="megadual.train.demo:main"),
+    Command(
+        "train-lm",
+        "train the Qwen2 backbone as a language model (one process)",
+        add_arguments=_add_train_lm_arguments,
+        handler="megadual.train.lm:main",
+    ),
+    Command(
+        "demo",
+        "the embedded end-to-end run on CPU; writes OUT/report.md",
+        add_arguments=_add_demo_arguments,
+        handler="megadual.demo:main",
+    ),
 ]
 
 

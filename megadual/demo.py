@@ -147,3 +147,12 @@ def run_demo(out_dir: str, config_path: str = DEFAULT_CONFIG, overrides: tuple[s
         "free_parse_rate": check.free_parsed / check.free_total,
     }
     return figures
+
+
+def main(args) -> int:
+    """`megadual demo`: run the embedded end-to-end job and print where the report is."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    figures = run_demo(args.out, args.config, tuple(args.overrides), quick=args.quick, force=args.force)
+    print(open(figures["report"], encoding="utf-8").read())
+    print(f"report: {figures['report']}")
+    return 0

@@ -165,9 +165,10 @@ def _child_main(fn, rank, world_size, args, store_path, workdir, timeout, send) 
         group_up = True
         result = fn(rank, world_size, *args)
         try:
-            send.send(("ok", result))
+            payload = pickle.dumps(("ok", result))
         except Exception as exc:  # an unpicklable result is the test's bug: say so plainly
             raise TypeError(f"rank {rank}: the return value of {fn!r} could not be pickled: {exc}") from exc
+        _send(send, payload)
     except BaseException as exc:  # noqa: BLE001 - everything must reach the parent
         # CLOCK_MONOTONIC is system-wide on Linux, so the parent can order failures across
         # ranks and report the root cause, not a peer's "connection closed" that followed it.
@@ -178,7 +179,7 @@ def _child_main(fn, rank, world_size, args, store_path, workdir, timeout, send) 
             exc_bytes = pickle.dumps(exc)
         except Exception:
             exc_bytes = None
-        send.send(("error", failed_at, type(exc).__name__, str(exc), tb, exc_bytes))
+        _send(send, pickle.dumps(("error", failed_at, type(exc).__name__, str(exc), tb, exc_bytes)))
     finally:
         if group_up:
             try:
@@ -186,6 +187,12 @@ def _child_main(fn, rank, world_size, args, store_path, workdir, timeout, send) 
             except Exception:
                 pass
         send.close()
+
+
+def _send(conn: connection.Connection, payload: bytes) -> None:
+    # Plain pickle bytes, not Connection.send: with torch imported, multiprocessing's pickler
+    # shares tensors through file descriptors served by this process, which is about to exit.
+    conn.send_bytes(payload)
 
 
 def _collect(procs, conns, workdir: str, timeout: float) -> list[Any]:
@@ -262,7 +269,7 @@ def _read_report(conn: connection.Connection):
     """One report from a rank's pipe, or None if the rank closed it without sending."""
     try:
         if conn.poll():
-            return conn.recv()
+            return pickle.loads(conn.recv_bytes())
     except (EOFError, OSError):
         pass
     return None

@@ -99,3 +99,16 @@ def test_killed_rank_is_reported_as_the_cause():
     with pytest.raises(RankError, match=r"^rank 1 was killed by SIGKILL without reporting") as info:
         run_distributed(_killed_on_rank1, world_size=2, timeout=30)
     assert info.value.exitcode == -signal.SIGKILL
+
+
+def _tensors(rank, world_size):
+    w = torch.ones(3, requires_grad=True)
+    return {"plain": torch.arange(4.0) * rank, "grad_graph": w * 2, "big": torch.full((256, 256), float(rank))}
+
+
+def test_tensors_come_back_by_value():
+    # Results are plain-pickled, so they survive the rank's exit (no shared-memory handles).
+    out = run_distributed(_tensors, world_size=2)
+    assert torch.equal(out[1]["plain"], torch.tensor([0.0, 1.0, 2.0, 3.0]))
+    assert torch.equal(out[1]["grad_graph"].detach(), torch.full((3,), 2.0))
+    assert out[0]["big"].sum().item() == 0 and out[1]["big"].sum().item() == 256 * 256

@@ -426,7 +426,7 @@ def config_from_dict(data: Mapping[str, Any], *, validate: bool = True) -> Confi
     return cfg
 
 
-def load_config(path_or_paths: PathLike | Sequence[PathLike], overrides: Iterable[str] = ()) -> Config:
+def load_config(path_or_paths: PathLike | Sequence[PathLike], overrides: Iterable[str] | None = ()) -> Config:
     """Load YAML files (merged in order, later wins, deep-merged by section), apply overrides.
 
     Args:
@@ -448,7 +448,9 @@ def load_config(path_or_paths: PathLike | Sequence[PathLike], overrides: Iterabl
     merged: dict[str, Any] = {}
     for path in paths:
         merged = _deep_merge(merged, _read_yaml_file(path))
-    if isinstance(overrides, str):  # a lone string would otherwise be iterated per character
+    if overrides is None:
+        overrides = ()
+    elif isinstance(overrides, str):  # a lone string would otherwise be iterated per character
         overrides = [overrides]
     merged = apply_overrides(merged, overrides)
     return config_from_dict(merged)

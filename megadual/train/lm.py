@@ -188,3 +188,13 @@ def train_lm(cfg: Config, resume: bool = False, show_progress: bool = True) -> L
         last_loss=losses[-1] if losses else float("nan"),
         steps_run=len(losses),
     )
+
+
+def main(args) -> int:
+    """`megadual train-lm`: the parsed arguments carry --config/--set and --resume."""
+    from megadual.config import config_from_args
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    result = train_lm(config_from_args(args), resume=args.resume)
+    print(f"trained {result.steps_run} steps in {result.run_dir}: loss {result.first_loss:.4f} -> {result.last_loss:.4f}")
+    return 0
