@@ -2,8 +2,11 @@
 
 Legend: B batch, T time, D hidden, H query heads, G key/value heads, E head dim, F MLP width.
 
-Heads are always recovered with `view(b, t, -1, head_dim)`, never with a head count, so a
-tensor-parallel shard that holds H/tp heads runs through the same code unchanged.
+Tensor parallelism (Megatron): Q, K, V and the MLP's gate/up are column-parallel (each rank
+holds H/tp query heads, G/tp kv heads, F/tp MLP columns), the output and down projections
+row-parallel. Heads are always recovered with `view(b, t, -1, head_dim)`, never with a head
+count, so a shard runs through the same code unchanged; with `tp_group=None` the layers
+are plain.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from megadual.config.schema import BackboneConfig
+from megadual.distributed.comm import ProcessGroup
+from megadual.distributed.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
 from .attention import AttentionPlan, causal_attention
 
@@ -48,17 +53,18 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 class Attention(nn.Module):
     """Grouped-query self-attention with bias on Q, K, V (Qwen2) and none on the output."""
 
-    def __init__(self, cfg: BackboneConfig):
+    def __init__(self, cfg: BackboneConfig, tp_group: ProcessGroup = None):
         super().__init__()
         self.head_dim = cfg.resolved_head_dim
         q_width, kv_width = cfg.num_heads * self.head_dim, cfg.num_kv_heads * self.head_dim
-        self.q_proj = nn.Linear(cfg.hidden_size, q_width, bias=cfg.qkv_bias)
-        self.k_proj = nn.Linear(cfg.hidden_size, kv_width, bias=cfg.qkv_bias)
-        self.v_proj = nn.Linear(cfg.hidden_size, kv_width, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(q_width, cfg.hidden_size, bias=False)
+        d, std = cfg.hidden_size, cfg.init_std
+        self.q_proj = ColumnParallelLinear(d, q_width, cfg.qkv_bias, tp_group, std)
+        self.k_proj = ColumnParallelLinear(d, kv_width, cfg.qkv_bias, tp_group, std)
+        self.v_proj = ColumnParallelLinear(d, kv_width, cfg.qkv_bias, tp_group, std)
+        self.o_proj = RowParallelLinear(q_width, d, False, tp_group, std)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], plan: AttentionPlan) -> torch.Tensor:
-        """Shapes: x [B, T, D] -> [B, T, D]."""
+        """Shapes: x [B, T, D] -> [B, T, D] (H and G are per tensor-parallel rank)."""
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, -1, self.head_dim)  # [B, T, H, E]
         k = self.k_proj(x).view(b, t, -1, self.head_dim)  # [B, T, G, E]
@@ -71,11 +77,12 @@ class Attention(nn.Module):
 class SwiGLU(nn.Module):
     """down(silu(gate(x)) * up(x))."""
 
-    def __init__(self, cfg: BackboneConfig):
+    def __init__(self, cfg: BackboneConfig, tp_group: ProcessGroup = None):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        d, f, std = cfg.hidden_size, cfg.intermediate_size, cfg.init_std
+        self.gate_proj = ColumnParallelLinear(d, f, False, tp_group, std)
+        self.up_proj = ColumnParallelLinear(d, f, False, tp_group, std)
+        self.down_proj = RowParallelLinear(f, d, False, tp_group, std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Shapes: x [B, T, D] -> [B, T, D] through [B, T, F]."""
@@ -85,12 +92,12 @@ class SwiGLU(nn.Module):
 class DecoderLayer(nn.Module):
     """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
-    def __init__(self, cfg: BackboneConfig):
+    def __init__(self, cfg: BackboneConfig, tp_group: ProcessGroup = None):
         super().__init__()
         self.attn_norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
-        self.attn = Attention(cfg)
+        self.attn = Attention(cfg, tp_group)
         self.mlp_norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
-        self.mlp = SwiGLU(cfg)
+        self.mlp = SwiGLU(cfg, tp_group)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], plan: AttentionPlan) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), rope, plan)

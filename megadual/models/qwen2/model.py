@@ -4,6 +4,12 @@ Legend: B batch, T time, D hidden, V vocabulary, N = B*T tokens.
 
 `Qwen2Model` maps token ids (or ready embeddings, for the multimodal model) to final hidden
 states; `Qwen2ForCausalLM` adds the (optionally tied) output projection and returns logits.
+With a tensor-parallel group of size p the embedding and the output projection are split
+over the vocabulary and the logits are this rank's slice [B, T, V/p] (feed them to
+`vocab_parallel_cross_entropy`; `gather_vocab_logits` assembles [B, T, V]).
+Weights are initialised in the constructors (normal(0, init_std), zero biases, unit norms)
+from the global RNG, as `deepspeed.zero.Init` requires: it partitions each parameter as
+soon as its module is built.
 Packed input: pass `position_ids` that restart per document and `cu_seqlens`, the document
 offsets over the N flattened tokens; no token then attends across a document boundary.
 """
@@ -17,6 +23,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from megadual.config.schema import BackboneConfig
+from megadual.distributed.comm import ProcessGroup
+from megadual.distributed.tensor_parallel import ColumnParallelLinear, VocabParallelEmbedding
 
 from .attention import plan_attention
 from .layers import DecoderLayer, RotaryEmbedding
@@ -32,14 +40,15 @@ class Qwen2Model(nn.Module):
 
     Args:
         cfg: the backbone section of the config.
+        tp_group: tensor-parallel process group, or None for a plain model.
     """
 
-    def __init__(self, cfg: BackboneConfig):
+    def __init__(self, cfg: BackboneConfig, tp_group: ProcessGroup = None):
         super().__init__()
         cfg.validate()
         self.cfg = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp_group, cfg.init_std)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, tp_group) for _ in range(cfg.num_layers))
         self.norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
         self.rotary = RotaryEmbedding(cfg.resolved_head_dim, cfg.rope_theta)
         # Recompute each layer's activations in backward instead of storing them.
@@ -104,16 +113,18 @@ class Qwen2Model(nn.Module):
 
 
 class Qwen2ForCausalLM(nn.Module):
-    """Qwen2 decoder plus output projection; `forward` returns logits [B, T, V].
+    """Qwen2 decoder plus output projection; `forward` returns logits [B, T, V/p] (p = tp size).
 
-    With `cfg.tie_embeddings` the output projection shares the input embedding's weight.
+    With `cfg.tie_embeddings` the output projection shares the input embedding's weight
+    (both are split over the vocabulary the same way, so the shards tie too).
     """
 
-    def __init__(self, cfg: BackboneConfig):
+    def __init__(self, cfg: BackboneConfig, tp_group: ProcessGroup = None):
         super().__init__()
         self.cfg = cfg
-        self.backbone = Qwen2Model(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.tp_group = tp_group
+        self.backbone = Qwen2Model(cfg, tp_group)
+        self.lm_head = ColumnParallelLinear(cfg.hidden_size, cfg.vocab_size, False, tp_group, cfg.init_std)
         self.tie_weights()
 
     def tie_weights(self) -> None:
@@ -122,18 +133,6 @@ class Qwen2ForCausalLM(nn.Module):
         if self.cfg.tie_embeddings:
             self.lm_head.weight = self.backbone.embed_tokens.weight
 
-    @torch.no_grad()
-    def init_weights(self, generator: Optional[torch.Generator] = None) -> None:
-        """Normal(0, init_std) for linear and embedding weights, zeros for biases, ones for norms."""
-        std = self.cfg.init_std
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                module.weight.normal_(0.0, std, generator=generator)
-                if getattr(module, "bias", None) is not None:
-                    module.bias.zero_()
-            elif isinstance(module, nn.RMSNorm):
-                module.weight.fill_(1.0)
-
     def forward(
         self,
         input_ids: Optional[torch.Tensor] = None,
@@ -141,13 +140,17 @@ class Qwen2ForCausalLM(nn.Module):
         cu_seqlens: Optional[torch.Tensor] = None,
         inputs_embeds: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        """Logits [B, T, V] (same arguments as `Qwen2Model.forward`)."""
+        """Logits [B, T, V/p] (same arguments as `Qwen2Model.forward`)."""
         return self.lm_head(self.backbone(input_ids, position_ids, cu_seqlens, inputs_embeds))
 
 
-def build_qwen2(cfg: BackboneConfig, seed: Optional[int] = None) -> Qwen2ForCausalLM:
-    """A randomly initialised causal LM (deterministic given `seed`)."""
-    model = Qwen2ForCausalLM(cfg)
-    generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    model.init_weights(generator)
-    return model
+def build_qwen2(cfg: BackboneConfig, seed: Optional[int] = None, tp_group: ProcessGroup = None) -> Qwen2ForCausalLM:
+    """A randomly initialised causal LM, deterministic given `seed` (the global RNG is left as it was).
+
+    At any tensor-parallel size the shards equal slices of the tp=1 model built with the same seed.
+    """
+    if seed is None:
+        return Qwen2ForCausalLM(cfg, tp_group)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return Qwen2ForCausalLM(cfg, tp_group)
