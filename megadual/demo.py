@@ -1,7 +1,8 @@
 """The embedded end-to-end run (`megadual demo`, README's `make demo`).
 
-Today it trains the debug Qwen2 backbone on the synthetic scene captions and checks what
-it learned against the scene grammar on held-out scenes. Later stages (tokenizer,
+Today it trains the debug Qwen2 backbone on the synthetic scene captions, on 2 ranks
+started by the `deepspeed` launcher (data parallel, ZeRO-1), and checks what it learned
+against the scene grammar on held-out scenes. Later stages (tokenizer,
 token extraction, the unified model) join it as they land. A finished stage is reused on
 rerun unless `force` is set.
 
@@ -19,7 +20,7 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
@@ -28,8 +29,9 @@ from megadual.data.scenes import parse_caption, sample_scene
 from megadual.data.text_lm import ByteTokenizer, load_documents
 from megadual.inference.text import complete
 from megadual.models.qwen2 import Qwen2ForCausalLM
-from megadual.train.checkpoint import latest_checkpoint, load_checkpoint
-from megadual.train.lm import train_lm
+from megadual.train.checkpoint import load_model_state
+from megadual.launch import run_deepspeed
+from megadual.train.lm import latest_step
 
 logger = logging.getLogger(__name__)
 
@@ -99,6 +101,7 @@ def _write_report(path: str, cfg: Config, metrics: list[dict], check: LanguageCh
         "",
         f"- model: Qwen2, {cfg.backbone.num_layers} layers, hidden {cfg.backbone.hidden_size}, "
         f"{cfg.backbone.num_heads}/{cfg.backbone.num_kv_heads} heads, vocab {cfg.backbone.vocab_size}",
+        f"- layout: {DEMO_RANKS} ranks from the `deepspeed` launcher, {', '.join(DEMO_LAYOUT)}",
         f"- steps: {len(metrics)}, tokens: {tokens}, training time: {train_time:.1f} s "
         f"({tokens / max(train_time, 1e-9):.0f} tokens/s)",
         f"- loss: {metrics[0]['loss']:.3f} at step 1 -> {metrics[-1]['loss']:.3f} at step {metrics[-1]['step']}",
@@ -117,20 +120,33 @@ def _write_report(path: str, cfg: Config, metrics: list[dict], check: LanguageCh
         f.write("\n".join(lines))
 
 
+# The training stage's layout: 2 data-parallel ranks with ZeRO-1 (optimizer states split).
+DEMO_RANKS = 2
+DEMO_LAYOUT = ("parallel.tp=1", "parallel.pp=1", "parallel.zero_stage=1")
+STAGE_TIMEOUT_S = 1800
+
+
 def run_demo(out_dir: str, config_path: str = DEFAULT_CONFIG, overrides: tuple[str, ...] = (),
              quick: bool = False, force: bool = False) -> dict:
     """Run every stage that exists, reusing finished ones; returns the report's figures."""
     started = time.perf_counter()
-    quick_overrides = ["train.steps=30", "data.num_samples=512"] if quick else []
-    cfg = load_config(resolve_config_path(config_path), [*quick_overrides, *overrides])
-    cfg = replace(cfg, run=replace(cfg.run, out_dir=os.path.join(out_dir, "lm")))
-    if force and os.path.isdir(cfg.run.out_dir):
-        shutil.rmtree(cfg.run.out_dir)
+    config_path = resolve_config_path(config_path)
+    lm_dir = os.path.join(out_dir, "lm")
+    all_overrides = [*DEMO_LAYOUT, *(["train.steps=30", "data.num_samples=512"] if quick else []), *overrides,
+                     f"run.out_dir={lm_dir}"]
+    cfg = load_config(config_path, all_overrides)
+    if force and os.path.isdir(lm_dir):
+        shutil.rmtree(lm_dir)
 
-    logger.info("stage 1/1: backbone language model -> %s", cfg.run.out_dir)
-    train_lm(cfg, resume=True)
+    if latest_step(lm_dir) == cfg.train.steps:
+        logger.info("stage 1/1: backbone language model: finished earlier, reusing %s", lm_dir)
+    else:
+        logger.info("stage 1/1: backbone language model on %d ranks -> %s", DEMO_RANKS, lm_dir)
+        os.makedirs(lm_dir, exist_ok=True)
+        args = ["train-lm", "--config", config_path, *[a for o in all_overrides for a in ("--set", o)], "--resume"]
+        run_deepspeed(DEMO_RANKS, args, timeout=STAGE_TIMEOUT_S, log_path=os.path.join(lm_dir, "launch.log"))
     model = Qwen2ForCausalLM(cfg.backbone)
-    model.load_state_dict(load_checkpoint(latest_checkpoint(cfg.run.out_dir))["model"])
+    model.load_state_dict(load_model_state(cfg.run.out_dir))
     check = check_language(model, cfg, num_prompts=10 if quick else 50, num_free=10 if quick else 50)
 
     with open(os.path.join(cfg.run.out_dir, "metrics.jsonl"), encoding="utf-8") as f:

@@ -90,8 +90,17 @@ class ParallelConfig:
             raise ConfigError(
                 f"{prefix}.zero_stage",
                 self.zero_stage,
-                f"0 or 1 when {prefix}.pp={self.pp} > 1 (DeepSpeed's pipeline engine does not support "
+                f"1 when {prefix}.pp={self.pp} > 1 (DeepSpeed's pipeline engine does not support "
                 f"ZeRO-2/3); use {prefix}.pp=1 for ZeRO-3",
+            )
+        if self.pp > 1 and self.zero_stage == 0:
+            # Without ZeRO, DeepSpeed's pipeline engine clips by a gradient norm that leaves out
+            # every stage but the first (measured: losses drift from step 3); ZeRO-1 counts them.
+            raise ConfigError(
+                f"{prefix}.zero_stage",
+                self.zero_stage,
+                f"1 when {prefix}.pp={self.pp} > 1 (ZeRO-1 costs nothing at dp=1, and DeepSpeed's "
+                "ZeRO-0 pipeline path computes the clipping norm from the first stage only)",
             )
 
 
@@ -158,6 +167,45 @@ class TextDataConfig:
 
 
 @dataclass
+class PackedLoaderConfig:
+    """The packed multimodal loader over token shards (megadual/data/packed_loader.py).
+
+    Each data-parallel rank runs `max(1, num_workers)` streams; a stream reads its share of
+    the shards (or samples) in windows of `pack_window` samples, turns each sample into an
+    understanding or a generation sequence, and packs them into rows of `seq_len` tokens.
+    """
+
+    paths: list[str]  # token shard directories, each with a manifest.json
+    seq_len: int = 4096
+    batch_size: int = 1  # rows per batch on each data-parallel rank
+    num_workers: int = 0  # DataLoader worker processes per rank (0: read in the main process)
+    seed: int = 0
+    # "shard": each stream reads whole shards (needs >= dp * max(1, num_workers) shards);
+    # "sample": each stream reads every N-th sample of every shard (any shard count).
+    split: Literal["shard", "sample"] = "shard"
+    # "epochs": every sample once per epoch; "resample": shards drawn with replacement.
+    mode: Literal["epochs", "resample"] = "epochs"
+    pack_window: int = 1024  # samples packed together (best fit); larger packs tighter
+    generation_fraction: float = 0.5  # share of samples laid out as text-to-image
+    cfg_drop_rate: float = 0.1  # share of generation samples whose caption is replaced (CFG)
+    too_long: Literal["drop", "raise"] = "drop"  # a sample longer than seq_len
+    on_error: Literal["raise", "skip"] = "raise"  # a corrupt sample or truncated shard
+    prefetch_factor: int = 2  # batches each worker prepares ahead
+
+    def validate(self, prefix: str = "loader") -> None:
+        if not self.paths:
+            raise ConfigError(f"{prefix}.paths", self.paths, "at least one token shard directory")
+        for name in ("seq_len", "batch_size", "pack_window", "prefetch_factor"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{prefix}.{name}", getattr(self, name), "a positive integer")
+        if self.num_workers < 0:
+            raise ConfigError(f"{prefix}.num_workers", self.num_workers, "0 (main process) or a positive integer")
+        for name in ("generation_fraction", "cfg_drop_rate"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"{prefix}.{name}", getattr(self, name), "a number in [0, 1]")
+
+
+@dataclass
 class Config:
     """The root of the tree. Sections a command does not use may be absent (None)."""
 
@@ -167,12 +215,13 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: Optional[TrainConfig] = None
     data: TextDataConfig = field(default_factory=TextDataConfig)
+    loader: Optional[PackedLoaderConfig] = None
     # Extra DeepSpeed JSON keys passed through verbatim (merged last).
     deepspeed: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
         """Validate every present section, then the combinations that span sections."""
-        for name in ("run", "backbone", "parallel", "optim", "train", "data"):
+        for name in ("run", "backbone", "parallel", "optim", "train", "data", "loader"):
             section = getattr(self, name)
             if section is not None:
                 section.validate(name)

@@ -1,55 +1,53 @@
-"""Single-process training checkpoints: written atomically, found by step.
+"""Reading trained weights back out of a DeepSpeed run directory.
 
-Layout: <run>/checkpoints/step_000123/state.pt. A checkpoint directory appears only once
-complete (written under a temporary name, then renamed), so a crash mid-save never
-leaves a checkpoint that resume would trust.
+Layout: <run>/checkpoints/step_000123/ as DeepSpeed writes it, and <run>/checkpoints/latest
+naming the newest complete tag (DeepSpeed updates it only after every rank has written).
+Whole-model weights are read here for the layouts that store them whole (tp = pp = 1);
+ZeRO-3 partitions are consolidated with DeepSpeed's own `zero_to_fp32`.
 """
 
 from __future__ import annotations
 
+import glob
 import os
-import re
-import shutil
-import tempfile
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 
-_STEP_DIR = re.compile(r"^step_(\d+)$")
+CHECKPOINTS = "checkpoints"
 
 
-def checkpoint_dir(run_dir: str, step: int) -> str:
-    return os.path.join(run_dir, "checkpoints", f"step_{step:06d}")
+def checkpoint_tag_dir(run_dir: str, tag: Optional[str] = None) -> str:
+    """The directory of checkpoint `tag`, default the newest complete one."""
+    root = os.path.join(run_dir, CHECKPOINTS)
+    if tag is None:
+        latest = os.path.join(root, "latest")
+        if not os.path.isfile(latest):
+            raise FileNotFoundError(f"{run_dir} has no complete checkpoint ({latest} is missing)")
+        with open(latest, encoding="utf-8") as f:
+            tag = f.read().strip()
+    path = os.path.join(root, tag)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    return path
 
 
-def save_checkpoint(run_dir: str, step: int, state: dict[str, Any]) -> str:
-    """Write `state` (tensors, dicts, RNG states) for `step`; returns the directory."""
-    final = checkpoint_dir(run_dir, step)
-    parent = os.path.dirname(final)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
-    try:
-        torch.save(state, os.path.join(tmp, "state.pt"))
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return final
+def load_model_state(run_dir: str, tag: Optional[str] = None) -> dict[str, torch.Tensor]:
+    """Full fp32 model state dict of a tp = pp = 1 checkpoint (any ZeRO stage).
 
+    Raises:
+        FileNotFoundError: no such checkpoint.
+        ValueError: the checkpoint is split by tensor or pipeline parallelism.
+    """
+    path = checkpoint_tag_dir(run_dir, tag)
+    if glob.glob(os.path.join(path, "layer_*-model_states.pt")) or glob.glob(os.path.join(path, "mp_rank_01*")):
+        raise ValueError(
+            f"{path} holds a tensor- or pipeline-parallel checkpoint; read it with the checkpoint "
+            "converter, which merges shards and stages"
+        )
+    if glob.glob(os.path.join(path, "zero_pp_rank_*_mp_rank_00_model_states.pt")):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-def latest_checkpoint(run_dir: str) -> Optional[str]:
-    """The complete checkpoint with the highest step, or None."""
-    root = os.path.join(run_dir, "checkpoints")
-    if not os.path.isdir(root):
-        return None
-    steps = [(int(m.group(1)), name) for name in os.listdir(root) if (m := _STEP_DIR.match(name))]
-    return os.path.join(root, max(steps)[1]) if steps else None
-
-
-def load_checkpoint(path: str) -> dict[str, Any]:
-    state_path = os.path.join(path, "state.pt")
-    if not os.path.isfile(state_path):
-        raise FileNotFoundError(f"{path} is not a MegaDual checkpoint (no state.pt)")
-    return torch.load(state_path, map_location="cpu", weights_only=True)
+        return get_fp32_state_dict_from_zero_checkpoint(os.path.dirname(path), tag=os.path.basename(path))
+    states = torch.load(os.path.join(path, "mp_rank_00_model_states.pt"), map_location="cpu", weights_only=False)
+    return {k: v.float() for k, v in states["module"].items()}

@@ -43,7 +43,8 @@ def test_rank_order_matches_deepspeed():
         (dict(tp=1, pp=2, zero_stage=3), 2, {}, "parallel.zero_stage"),
         (dict(tp=2), 2, dict(num_kv_heads=1), "backbone.num_kv_heads"),
         (dict(tp=4), 4, dict(num_heads=6, num_kv_heads=2), "backbone.num_heads"),
-        (dict(pp=4), 4, {}, "parallel.pp"),
+        (dict(pp=4, zero_stage=1), 4, {}, "parallel.pp"),
+        (dict(pp=2, zero_stage=0), 2, {}, "ZeRO-0 pipeline"),
     ],
 )
 def test_bad_layouts_fail_before_any_process_group(parallel, world, backbone, match):

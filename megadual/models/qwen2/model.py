@@ -16,7 +16,8 @@ offsets over the N flattened tokens; no token then attends across a document bou
 
 from __future__ import annotations
 
-from typing import Optional
+import contextlib
+from typing import Iterator, Optional
 
 import torch
 from torch import nn
@@ -30,6 +31,24 @@ from .attention import plan_attention
 from .layers import DecoderLayer, RotaryEmbedding
 
 
+@contextlib.contextmanager
+def block_rng(seed: Optional[int], index: int) -> Iterator[None]:
+    """Initialise block `index` (0 embedding, 1..L decoder layers, L+1 output head) from its own
+    seed, leaving the global RNG as it was.
+
+    A block's initial weights then depend only on (seed, index), never on which other blocks
+    this process builds: a pipeline stage holding layers 5..8 gets the same weights as the
+    single-process model. With seed None the global RNG is used as is.
+    """
+    if seed is None:
+        yield
+        return
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed * 1_000_003 + index)
+        yield
+
+
 def default_position_ids(batch: int, seq_len: int, device: torch.device) -> torch.Tensor:
     """Positions 0..T-1 for every row. Shape [B, T]."""
     return torch.arange(seq_len, device=device).expand(batch, seq_len)
@@ -41,14 +60,19 @@ class Qwen2Model(nn.Module):
     Args:
         cfg: the backbone section of the config.
         tp_group: tensor-parallel process group, or None for a plain model.
+        seed: initialise each block from its own seed (see `block_rng`); None: global RNG.
     """
 
-    def __init__(self, cfg: BackboneConfig, tp_group: ProcessGroup = None):
+    def __init__(self, cfg: BackboneConfig, tp_group: ProcessGroup = None, seed: Optional[int] = None):
         super().__init__()
         cfg.validate()
         self.cfg = cfg
-        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp_group, cfg.init_std)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, tp_group) for _ in range(cfg.num_layers))
+        with block_rng(seed, 0):
+            self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp_group, cfg.init_std)
+        self.layers = nn.ModuleList()
+        for i in range(cfg.num_layers):
+            with block_rng(seed, 1 + i):
+                self.layers.append(DecoderLayer(cfg, tp_group))
         self.norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
         self.rotary = RotaryEmbedding(cfg.resolved_head_dim, cfg.rope_theta)
         # Recompute each layer's activations in backward instead of storing them.
@@ -119,12 +143,13 @@ class Qwen2ForCausalLM(nn.Module):
     (both are split over the vocabulary the same way, so the shards tie too).
     """
 
-    def __init__(self, cfg: BackboneConfig, tp_group: ProcessGroup = None):
+    def __init__(self, cfg: BackboneConfig, tp_group: ProcessGroup = None, seed: Optional[int] = None):
         super().__init__()
         self.cfg = cfg
         self.tp_group = tp_group
-        self.backbone = Qwen2Model(cfg, tp_group)
-        self.lm_head = ColumnParallelLinear(cfg.hidden_size, cfg.vocab_size, False, tp_group, cfg.init_std)
+        self.backbone = Qwen2Model(cfg, tp_group, seed)
+        with block_rng(seed, cfg.num_layers + 1):
+            self.lm_head = ColumnParallelLinear(cfg.hidden_size, cfg.vocab_size, False, tp_group, cfg.init_std)
         self.tie_weights()
 
     def tie_weights(self) -> None:
@@ -147,10 +172,7 @@ class Qwen2ForCausalLM(nn.Module):
 def build_qwen2(cfg: BackboneConfig, seed: Optional[int] = None, tp_group: ProcessGroup = None) -> Qwen2ForCausalLM:
     """A randomly initialised causal LM, deterministic given `seed` (the global RNG is left as it was).
 
-    At any tensor-parallel size the shards equal slices of the tp=1 model built with the same seed.
+    At any tensor-parallel size the shards equal slices of the tp=1 model built with the same
+    seed, and any pipeline stage's blocks equal the same blocks of the whole model.
     """
-    if seed is None:
-        return Qwen2ForCausalLM(cfg, tp_group)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return Qwen2ForCausalLM(cfg, tp_group)
+    return Qwen2ForCausalLM(cfg, tp_group, seed)

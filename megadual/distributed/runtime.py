@@ -1,0 +1,71 @@
+"""Process-group start-up for every launcher: `deepspeed`, `torchrun`, or a plain `python`.
+
+`init_distributed()` reads RANK / LOCAL_RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT as
+both launchers set them (a plain process becomes a world of one on a free port) and starts
+DeepSpeed's communication backend: NCCL on GPUs, gloo on CPU.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class ProcessInfo:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _skip_shm_comm_build() -> None:
+    """Stop DeepSpeed's CPU backend from JIT-compiling its shared-memory all-reduce.
+
+    On the CPU accelerator `init_distributed` builds `deepspeed_shm_comm` on first use
+    (100-190 s on 2 cores, and a killed build leaves a lock that hangs later runs). Only
+    inference all-reduce uses it; training goes through gloo. The function is replaced in
+    the module object itself because `deepspeed.comm` re-exports torch under that name.
+    """
+    module = sys.modules.get("deepspeed.comm.torch")
+    if module is not None and hasattr(module, "build_shm_op"):
+        module.build_shm_op = lambda: None
+
+
+def init_distributed() -> ProcessInfo:
+    """Initialise torch.distributed through DeepSpeed (idempotent) and pick this rank's device."""
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    import deepspeed
+    import deepspeed.comm  # noqa: F401  (loads deepspeed.comm.torch so it can be patched)
+
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        _skip_shm_comm_build()
+        device = torch.device("cpu")
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+    elif not deepspeed.comm.is_initialized():
+        deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
+    return ProcessInfo(
+        rank=torch.distributed.get_rank(),
+        local_rank=local_rank,
+        world_size=torch.distributed.get_world_size(),
+        device=device,
+    )
