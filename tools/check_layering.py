@@ -48,12 +48,15 @@ LAYERS: dict[str, tuple[int, str]] = {
     "megadual.data": (2, "data"),
     "megadual.distributed.pipeline": (3, "distributed.pipeline"),
     "megadual.distributed.deepspeed_config": (3, "distributed.deepspeed_config"),
+    "megadual.distributed.runtime": (3, "distributed.runtime"),
     "megadual.train": (4, "train"),
     "megadual.inference": (4, "inference"),
     "megadual.cli": (5, "cli"),
     "megadual.__main__": (5, "cli"),
     # The embedded end-to-end job behind `megadual demo`: an application like the CLI.
     "megadual.demo": (5, "demo"),
+    # Starts subcommands under the `deepspeed` launcher (a subprocess; no deepspeed import).
+    "megadual.launch": (5, "launch"),
 }
 
 # Packages narrower than their layer. "internal": the megadual modules they may import
@@ -68,6 +71,7 @@ ONLY_IMPORTS: dict[str, dict[str, tuple[str, ...] | None]] = {
 DEEPSPEED_ALLOWED: tuple[str, ...] = (
     "megadual.distributed.pipeline",
     "megadual.distributed.deepspeed_config",
+    "megadual.distributed.runtime",
     "megadual.train",
 )
 

@@ -157,12 +157,25 @@ def train_lm(cfg: Config, resume: bool = False, show_progress: bool = True) -> L
         progress.close()
         if metrics:
             metrics.close()
+    _write_rank_stats(run_dir, info.rank)
     return LMRunResult(
         run_dir=run_dir,
         first_loss=losses[0] if losses else float("nan"),
         last_loss=losses[-1] if losses else float("nan"),
         steps_run=len(losses),
     )
+
+
+def _write_rank_stats(run_dir: str, rank: int) -> None:
+    """ranks/rank_N.json: this rank's peak host memory (and device memory on GPU)."""
+    import resource
+
+    stats = {"rank": rank, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if torch.cuda.is_available():
+        stats["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    os.makedirs(os.path.join(run_dir, "ranks"), exist_ok=True)
+    with open(os.path.join(run_dir, "ranks", f"rank_{rank}.json"), "w", encoding="utf-8") as f:
+        json.dump(stats, f)
 
 
 def main(args) -> int:
