@@ -131,4 +131,7 @@ def build_pipeline_module(
         loss_fn=loss_fn,
         partition_method="type:DecoderStage",
         activation_checkpoint_interval=activation_checkpoint_interval,
+        # Only decoder layers: DeepSpeed's reentrant checkpoint of the embedding (whose input,
+        # token ids, needs no gradient) would return a hidden state cut off from autograd.
+        checkpointable_layers=["DecoderStage"],
     )

@@ -82,21 +82,26 @@ def reference_losses(cfg, dp: int) -> list[float]:
     return losses
 
 
+# name -> (ranks, overrides)
 LAYOUTS = {
-    "tp2": ["parallel.tp=2"],
-    "tp2-zero3": ["parallel.tp=2", "parallel.zero_stage=3"],
-    "dp2-zero3": ["parallel.zero_stage=3"],
-    "pp2-untied": ["parallel.pp=2", "parallel.zero_stage=1", "backbone.tie_embeddings=false"],
-    "pp2-tied": ["parallel.pp=2", "parallel.zero_stage=1", "backbone.tie_embeddings=true"],
+    "tp2": (2, ["parallel.tp=2"]),
+    "tp2-zero3": (2, ["parallel.tp=2", "parallel.zero_stage=3"]),
+    "dp2-zero3": (2, ["parallel.zero_stage=3"]),
+    "pp2-untied": (2, ["parallel.pp=2", "parallel.zero_stage=1", "backbone.tie_embeddings=false"]),
+    "pp2-tied": (2, ["parallel.pp=2", "parallel.zero_stage=1", "backbone.tie_embeddings=true"]),
+    # 4 ranks on 2 cores: slower, but the only way to see tp inside pipeline stages.
+    "pp2-tp2-ckpt": (4, ["parallel.pp=2", "parallel.tp=2", "parallel.zero_stage=1",
+                         "train.activation_checkpointing=true"]),
+    "dp2-ckpt": (2, ["parallel.zero_stage=1", "train.activation_checkpointing=true"]),
 }
 
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_layout_matches_single_process(layout, tmp_path):
-    overrides = LAYOUTS[layout]
-    got = run_distributed(_train_rank, world_size=2, timeout=240, args=(str(tmp_path), overrides))[0]
+    ranks, overrides = LAYOUTS[layout]
+    got = run_distributed(_train_rank, world_size=ranks, timeout=300, args=(str(tmp_path), overrides))[0]
     cfg = _config(tmp_path, *overrides)
-    dp = 2 // (cfg.parallel.tp * cfg.parallel.pp)
+    dp = ranks // (cfg.parallel.tp * cfg.parallel.pp)
     want = reference_losses(cfg, dp)
     assert len(got) == STEPS
     for step, (g, w) in enumerate(zip(got, want), start=1):
@@ -111,13 +116,14 @@ def _train_resume_rank(rank, world_size, run_dir, overrides):
 @pytest.mark.parametrize("layout", ["tp2-zero3", "pp2-tied", "dp2-zero3"])
 def test_resume_after_kill_equals_uninterrupted(layout, tmp_path):
     """Save at step 3 of 6, lose everything after it, resume: steps 4-6 are the uninterrupted ones."""
-    overrides = [*LAYOUTS[layout], "train.save_every=3", "train.steps=6"]
+    ranks, layout_overrides = LAYOUTS[layout]
+    overrides = [*layout_overrides, "train.save_every=3", "train.steps=6"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    run_distributed(_train_rank, world_size=2, timeout=240, args=(str(straight), overrides))
+    run_distributed(_train_rank, world_size=ranks, timeout=240, args=(str(straight), overrides))
     expected = _read_losses(straight)
 
     shutil.copytree(straight / "checkpoints" / "step_000003", resumed / "checkpoints" / "step_000003")
     (resumed / "checkpoints" / "latest").write_text("step_000003")
     (resumed / "metrics.jsonl").write_text("".join(json.dumps({"step": i + 1, "loss": x}) + "\n" for i, x in enumerate(expected[:3])))
-    run_distributed(_train_resume_rank, world_size=2, timeout=240, args=(str(resumed), overrides))
+    run_distributed(_train_resume_rank, world_size=ranks, timeout=240, args=(str(resumed), overrides))
     assert _read_losses(resumed) == expected
