@@ -28,7 +28,8 @@ def _extension_modules():
     from torch.utils import cpp_extension
 
     # torch's cpp_extension does not add OpenMP: without it at::parallel_for runs on one thread.
-    cxx_flags = ["-O3", "-fopenmp"]
+    # -g0: setuptools inherits -g from Python's CFLAGS; debug info only slows the compile and bloats the .so.
+    cxx_flags = ["-O3", "-g0", "-fopenmp"]
     link_flags = ["-fopenmp"]
     cuda_sources = sorted(glob.glob(os.path.join("kernels", "csrc", "cuda", "*.cu")))
     use_cuda = bool(cuda_sources) and torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
@@ -36,7 +37,8 @@ def _extension_modules():
         ext = cpp_extension.CUDAExtension(
             "megadual._C",
             cpp_sources + cuda_sources,
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--use_fast_math"]},
+            # No --use_fast_math: flush-to-zero would let CUDA codes drift from the reference's.
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3"]},
             extra_link_args=link_flags,
         )
     else:
@@ -60,14 +62,22 @@ setup(
     # Ranges that torch 2.13.0 satisfies, so a CPU machine with it installed never pulls a CUDA torch.
     install_requires=[
         "torch>=2.5,<2.14",
+        # Pure-Python wheel; its ops are JIT-built only if used, and MegaDual uses none of them.
+        "deepspeed>=0.16",
         "transformers>=4.45",
         "safetensors>=0.4",
         "pyyaml>=6.0",
         "numpy>=1.24",
         "tqdm>=4.60",
+        "webdataset>=0.2.86",
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-timeout>=2.3"],
+        "dev": [
+            "pytest>=8",
+            "pytest-timeout>=2.3",
+            # The parity oracle of the RQ kernels (tests/ops, benchmarks/rq.py); needs torch>=2.4 only.
+            "vector-quantize-pytorch>=1.32",
+        ],
         # flash-attn compiles against a CUDA torch: install that torch first, then `pip install .[gpu]`.
         "gpu": ["flash-attn>=2.6"],
     },
