@@ -18,13 +18,14 @@ EXT_SOURCES := $(wildcard kernels/csrc/*.cpp kernels/csrc/*.h kernels/csrc/cuda/
 setup: $(STAMP)
 
 # torch==2.13.0 goes in first and alone: anything that depends on torch installed before it
-# would pull the registry's newest (CUDA, multi-GB) build. --no-build-isolation builds the
-# extension against that torch instead of a fresh one in an isolated environment.
-$(STAMP): setup.py $(EXT_SOURCES)
+# would pull the registry's newest (CUDA, multi-GB) build. The constraint file keeps it there
+# when a dependency (lpips -> torchvision) would otherwise upgrade it. --no-build-isolation
+# builds the extension against that torch instead of a fresh one in an isolated environment.
+$(STAMP): setup.py constraints-cpu.txt $(EXT_SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet "setuptools>=70" wheel
-	$(PY) -m pip install --quiet --no-build-isolation -e '.[dev]'
+	$(PY) -m pip install --quiet --constraint constraints-cpu.txt --no-build-isolation -e '.[dev]'
 	touch $@
 
 test: $(STAMP)

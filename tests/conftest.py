@@ -7,7 +7,11 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from megadual._compat import patch_torchvision_for_cpu_torch  # noqa: E402
+
 torch.set_num_threads(1)
+# Tests import transformers directly; with the CUDA-only torchvision installed that needs the patch.
+patch_torchvision_for_cpu_torch()
 
 
 def pytest_configure(config):

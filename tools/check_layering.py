@@ -38,6 +38,8 @@ LAYERS: dict[str, tuple[int, str]] = {
     "megadual": (0, "package root"),
     "megadual._C": (0, "compiled extension"),
     "megadual.config": (0, "config"),
+    # Import-time fix for the CUDA-only torchvision wheel next to a CPU torch (torch only).
+    "megadual._compat": (0, "compat"),
     "megadual.ops": (0, "ops"),
     "megadual.distributed": (1, "distributed package"),
     "megadual.distributed.topology": (1, "distributed.topology"),

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
-from megadual.launch import free_port, launch_env, run_deepspeed
+from megadual.launch import deepspeed_command, free_port, launch_env, run_deepspeed
 
 DEBUG_CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "debug", "lm.yaml")
 LAUNCH_TIMEOUT_S = 300
@@ -23,7 +25,7 @@ LAYOUTS = {
 
 
 def _args(run_dir, overrides):
-    sets = [f"run.out_dir={run_dir}", "train.steps=20", "data.num_samples=512", *overrides]
+    sets = [f"run.out_dir={run_dir}", "train.steps=20", "data.num_samples=512", "run.log_every=1", *overrides]
     return ["train-lm", "--config", DEBUG_CONFIG, *[a for s in sets for a in ("--set", s)]]
 
 
@@ -50,3 +52,35 @@ def test_torchrun_launch(tmp_path):
     proc = subprocess.run(cmd, env=launch_env(), capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     _check_run(run_dir)
+
+
+def _last_record_per_step(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return {r["step"]: r for r in map(json.loads, f)}
+
+
+def test_killed_launch_resumes_on_the_uninterrupted_trajectory(tmp_path):
+    """SIGKILL a 2-rank launch once its step-20 checkpoint is complete, rerun with --resume:
+    every step after 20 logs exactly the uninterrupted run's loss."""
+    layout = ["parallel.zero_stage=3", "train.steps=60", "train.save_every=20"]
+    straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
+    run_deepspeed(2, _args(straight, layout), timeout=LAUNCH_TIMEOUT_S, log_path=str(tmp_path / "straight.log"))
+
+    proc = subprocess.Popen(deepspeed_command(2, _args(killed, layout)), env=launch_env(), start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    latest = os.path.join(killed, "checkpoints", "latest")
+    deadline = time.monotonic() + LAUNCH_TIMEOUT_S
+    while not (os.path.isfile(latest) and open(latest).read().strip() == "step_000020"):
+        assert proc.poll() is None, "the launch ended before its step-20 checkpoint"
+        assert time.monotonic() < deadline, "no step-20 checkpoint in time"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert max(_last_record_per_step(killed)) < 60, "killed too late to test anything"
+
+    run_deepspeed(2, [*_args(killed, layout), "--resume"], timeout=LAUNCH_TIMEOUT_S,
+                  log_path=str(tmp_path / "resumed.log"))
+    want, got = _last_record_per_step(straight), _last_record_per_step(killed)
+    assert sorted(got) == list(range(1, 61))
+    for step in range(21, 61):
+        assert got[step]["loss"] == want[step]["loss"], f"step {step}"
