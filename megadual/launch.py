@@ -11,17 +11,11 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 from typing import Optional, Sequence
 
-
-def free_port() -> int:
-    """A TCP port free right now (both launchers default to 29500, so concurrent runs collide)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from megadual.distributed.runtime import free_port
 
 
 def deepspeed_command(num_procs: int, megadual_args: Sequence[str], master_port: Optional[int] = None) -> list[str]:

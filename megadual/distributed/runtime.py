@@ -23,7 +23,8 @@ class ProcessInfo:
     device: torch.device
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free right now (both launchers default to 29500, so concurrent runs collide)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -48,7 +49,7 @@ def init_distributed() -> ProcessInfo:
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
     import deepspeed
     import deepspeed.comm  # noqa: F401  (loads deepspeed.comm.torch so it can be patched)
 
