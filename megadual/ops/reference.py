@@ -33,7 +33,9 @@ def check_rq_encode_args(x, codebooks, depth, codes_dtype=None) -> int:
             "flatten leading dims with x.reshape(-1, x.shape[-1])"
         )
     if x.dtype not in _FLOATS:
-        raise ValueError(f"rq_encode: x dtype must be float32, bfloat16 or float16, got {x.dtype}; cast it with x.float()")
+        raise ValueError(
+            f"rq_encode: x dtype must be float32, bfloat16 or float16, got {x.dtype}; cast it with x.float()"
+        )
     if codebooks.dtype not in _FLOATS:
         raise ValueError(
             f"rq_encode: codebook dtype must be float32, bfloat16 or float16, got {codebooks.dtype}; "
@@ -67,7 +69,9 @@ def check_rq_encode_args(x, codebooks, depth, codes_dtype=None) -> int:
             "project x to the codebook dim first"
         )
     if codebooks.device != x.device:
-        raise ValueError(f"rq_encode: x is on {x.device} but the codebook is on {codebooks.device}; move both to one device")
+        raise ValueError(
+            f"rq_encode: x is on {x.device} but the codebook is on {codebooks.device}; move both to one device"
+        )
     if codes_dtype is not None and codes_dtype not in (torch.int64, torch.int32):
         raise ValueError(f"rq_encode: codes_dtype must be torch.int64 or torch.int32, got {codes_dtype}")
     return 1 if codebooks.dim() == 2 else depth
@@ -269,7 +273,9 @@ def dead_code_restart_(cluster_size, embed_sum, codebook, samples, threshold: fl
     if samples.shape[0] == 0:
         raise ValueError("dead_code_restart_: empty batch (no samples to restart codes from)")
     if samples.device != codebook.device:
-        raise ValueError(f"dead_code_restart_: samples are on {samples.device} but the codebook is on {codebook.device}")
+        raise ValueError(
+            f"dead_code_restart_: samples are on {samples.device} but the codebook is on {codebook.device}"
+        )
     if threshold < 0:
         raise ValueError(f"dead_code_restart_: threshold must be >= 0, got {threshold}")
     dead = find_dead_codes(cluster_size, threshold)
