@@ -90,6 +90,34 @@ def _add_train_lm_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in run.out_dir")
 
 
+def _add_to_hf_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--src", required=True, help="a training run directory or a MegaDual init checkpoint")
+    parser.add_argument("--out", required=True, help="the Hugging Face directory to write")
+    parser.add_argument("--tag", help="checkpoint tag, e.g. step_000100 (default: the newest complete one)")
+    parser.add_argument("--max-shard-size", default="5GB", help="safetensors shard size (default 5GB)")
+    parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="cast the weights (default: keep)")
+    parser.add_argument("--dry-run", action="store_true", help="list what would be written; write nothing")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    parser.set_defaults(action="to-hf")
+
+
+def _add_from_hf_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--hf", required=True, help="a local Hugging Face Qwen2/Qwen2.5 directory")
+    parser.add_argument("--out", required=True, help="the MegaDual init checkpoint to write")
+    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel degree of the training run (any pp works)")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    parser.set_defaults(action="from-hf")
+
+
+def _add_reshard_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--src", required=True, help="a training run directory or a MegaDual init checkpoint")
+    parser.add_argument("--out", required=True, help="the MegaDual init checkpoint to write")
+    parser.add_argument("--tp", type=int, required=True, help="the new tensor-parallel degree (any pp works)")
+    parser.add_argument("--tag", help="checkpoint tag (default: the newest complete one)")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    parser.set_defaults(action="reshard")
+
+
 def _add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/demo", help="run directory (default: runs/demo)")
     parser.add_argument(
@@ -127,6 +155,18 @@ COMMANDS: list[Command] = [
         "train the Qwen2 backbone as a language model (one process)",
         add_arguments=_add_train_lm_arguments,
         handler="megadual.train.lm:main",
+    ),
+    Command(
+        "convert",
+        "checkpoints to and from Hugging Face; reshard",
+        subcommands=(
+            Command("to-hf", "any checkpoint -> a Hugging Face Qwen2 directory",
+                    add_arguments=_add_to_hf_arguments, handler="megadual.convert.commands:main"),
+            Command("from-hf", "a HF Qwen2 directory -> a MegaDual init checkpoint",
+                    add_arguments=_add_from_hf_arguments, handler="megadual.convert.commands:main"),
+            Command("reshard", "a checkpoint -> another tensor-parallel degree",
+                    add_arguments=_add_reshard_arguments, handler="megadual.convert.commands:main"),
+        ),
     ),
     Command(
         "demo",

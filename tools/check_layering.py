@@ -59,6 +59,8 @@ LAYERS: dict[str, tuple[int, str]] = {
     "megadual.demo": (5, "demo"),
     # Starts subcommands under the `deepspeed` launcher (a subprocess; no deepspeed import).
     "megadual.launch": (5, "launch"),
+    # Checkpoint conversion (reads training checkpoints, writes HF / init checkpoints): a tool.
+    "megadual.convert": (5, "convert"),
 }
 
 # Packages narrower than their layer. "internal": the megadual modules they may import
@@ -75,10 +77,13 @@ DEEPSPEED_ALLOWED: tuple[str, ...] = (
     "megadual.distributed.deepspeed_config",
     "megadual.distributed.runtime",
     "megadual.train",
+    # Consolidates ZeRO partitions with DeepSpeed's own zero_to_fp32.
+    "megadual.convert",
 )
 
 # String literals that look like Hugging Face Qwen2 state-dict keys.
-HF_KEY_PREFIXES: tuple[str, ...] = ("model.layers.", "model.embed_tokens", "lm_head.", "self_attn.")
+# ("lm_head." is not among them: MegaDual's own output projection has that name too.)
+HF_KEY_PREFIXES: tuple[str, ...] = ("model.layers.", "model.embed_tokens", "self_attn.")
 HF_ADAPTER_FILENAME = "hf_adapter.py"
 
 # Every top-level module may import these internal modules regardless of ONLY_IMPORTS:

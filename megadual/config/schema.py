@@ -141,6 +141,9 @@ class TrainConfig:
     dtype: Literal["fp32", "bf16"] = "fp32"
     activation_checkpointing: bool = False
     save_every: int = 0  # 0: only at the end
+    # A MegaDual init checkpoint (`megadual convert from-hf` / `reshard`) to start from; if it
+    # carries a trainer position (a reshard of a run), training continues from that step.
+    init_from: Optional[str] = None
 
     def validate(self, prefix: str = "train") -> None:
         for name in ("steps", "seq_len", "micro_batch_size", "grad_accum"):

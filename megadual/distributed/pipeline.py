@@ -135,3 +135,35 @@ def build_pipeline_module(
         # token ids, needs no gradient) would return a hidden state cut off from autograd.
         checkpointable_layers=["DecoderStage"],
     )
+
+
+# Names: pipeline layer i's state dict <-> the single-process model's state dict. Layer 0 is
+# the embedding, 1..L the decoder layers, L+1 the final norm, L+2 the output head (absent from
+# checkpoints when tied: DeepSpeed saves a tied module once, with its first layer).
+
+
+def pipeline_to_model_name(layer: int, key: str, num_layers: int) -> str:
+    """`Qwen2ForCausalLM` state-dict name of tensor `key` of pipeline layer `layer`."""
+    if layer == 0:
+        return f"backbone.{key}"
+    if layer <= num_layers:
+        return f"backbone.layers.{layer - 1}.{key.removeprefix('layer.')}"
+    if layer == num_layers + 1:
+        return f"backbone.{key}"
+    if layer == num_layers + 2:
+        return key
+    raise ValueError(f"pipeline layer {layer} does not exist in a {num_layers}-layer backbone")
+
+
+def model_to_pipeline_name(name: str, num_layers: int) -> tuple[int, str]:
+    """(pipeline layer, key) holding `Qwen2ForCausalLM` tensor `name`."""
+    if name.startswith("backbone.embed_tokens."):
+        return 0, name.removeprefix("backbone.")
+    if name.startswith("backbone.layers."):
+        index, key = name.removeprefix("backbone.layers.").split(".", 1)
+        return 1 + int(index), f"layer.{key}"
+    if name.startswith("backbone.norm."):
+        return num_layers + 1, name.removeprefix("backbone.")
+    if name.startswith("lm_head."):
+        return num_layers + 2, name
+    raise ValueError(f"{name!r} is not a backbone tensor")

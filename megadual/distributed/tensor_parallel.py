@@ -11,8 +11,6 @@ tp rank in the gradient norm) and `partition_dim` (which dim is split, for conve
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 from torch import nn

@@ -29,6 +29,7 @@ from megadual.distributed.tensor_parallel import vocab_parallel_cross_entropy
 from megadual.distributed.topology import Topology
 from megadual.models.qwen2 import Qwen2ForCausalLM, load_hf
 
+from .init_checkpoint import check_compatible, open_init_checkpoint, pipeline_state_names, read_rank_tensors
 from .schedule import lr_at
 
 
@@ -40,6 +41,30 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor, tp_group: ProcessGroup =
     """
     per_token = vocab_parallel_cross_entropy(logits, labels, tp_group, IGNORE_INDEX)
     return per_token.sum() / (labels != IGNORE_INDEX).sum().clamp(min=1)
+
+
+def load_init_weights(module: torch.nn.Module, cfg: Config, topology: Topology) -> None:
+    """Copy an init checkpoint's weights into the freshly built module, in any layout.
+
+    ZeRO-3 parameters are partitioned placeholders: each is gathered, written on the
+    data-parallel group's first rank and re-partitioned (one parameter at a time, so memory
+    stays near the largest tensor).
+    """
+    ckpt = open_init_checkpoint(cfg.train.init_from)
+    check_compatible(ckpt, cfg.backbone, topology.layout.tp)
+    if topology.layout.pp > 1:
+        names = pipeline_state_names(module, cfg.backbone.num_layers)
+        tensors = read_rank_tensors(ckpt, topology.tp_rank, set(names.values()))
+        module.load_state_dict({key: tensors[name] for key, name in names.items()}, strict=True)
+        return
+    tensors = read_rank_tensors(ckpt, topology.tp_rank)
+    if cfg.parallel.zero_stage < 3:
+        module.load_state_dict(tensors, strict=True)
+        return
+    for name, param in module.named_parameters():
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+            if topology.dp_rank == 0:
+                param.data.copy_(tensors[name])
 
 
 def _param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -104,6 +129,8 @@ def build_lm_engine(cfg: Config, topology: Topology) -> LMEngine:
             else:
                 module = Qwen2ForCausalLM(backbone, topology.tp_group, seed=cfg.run.seed)
         module.backbone.activation_checkpointing = cfg.train.activation_checkpointing
+    if cfg.train.init_from:
+        load_init_weights(module, cfg, topology)
 
     def schedule(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
         return torch.optim.lr_scheduler.LambdaLR(

@@ -114,6 +114,8 @@ def train_lm(cfg: Config, resume: bool = False, show_progress: bool = True) -> L
         loader.load_state_dict(client_state["loader"])
         start_step = client_state["step"]
         logger.info("resumed from %s at step %d", checkpoint_root, start_step)
+    elif cfg.train.init_from:
+        start_step = _continue_from_init(cfg.train.init_from, engine, loader)
 
     def save(step: int) -> None:
         # Collective: every rank writes its partitions; `latest` is updated once all are written.
@@ -164,6 +166,21 @@ def train_lm(cfg: Config, resume: bool = False, show_progress: bool = True) -> L
         last_loss=losses[-1] if losses else float("nan"),
         steps_run=len(losses),
     )
+
+
+def _continue_from_init(path: str, engine, loader: PackedTextLoader) -> int:
+    """Weights came in with the engine; a resharded run also continues its step, LR schedule
+    and data position (the optimizer's moments start afresh: they are not resharded)."""
+    from .init_checkpoint import open_init_checkpoint
+
+    state = open_init_checkpoint(path).trainer_state
+    if not state:
+        return 0
+    loader.load_state_dict(state["loader"])
+    for _ in range(state["step"]):
+        engine.lr_scheduler.step()
+    logger.info("continuing from init checkpoint %s at step %d", path, state["step"])
+    return int(state["step"])
 
 
 def _write_rank_stats(run_dir: str, rank: int) -> None:

@@ -14,7 +14,7 @@ import pytest
 from megadual.config import load_config
 from megadual.train.checkpoint import load_model_state
 from megadual.train.lm import latest_step, train_lm
-from tests._dist import RankError, run_distributed
+from tests._dist import run_distributed
 
 DEBUG_CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "debug", "lm.yaml")
 

@@ -1,0 +1,1 @@
+"""Checkpoint conversion: training checkpoints of any layout <-> Hugging Face <-> other layouts."""

@@ -1,0 +1,165 @@
+"""`megadual convert to-hf | from-hf | reshard`: the conversions, on one CPU process.
+
+Sources: a training run directory (DeepSpeed checkpoints of any layout, with its
+config.yaml) or a MegaDual init checkpoint (from-hf / reshard output). Every output is
+written into a temporary directory and renamed into place when complete.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+from typing import Any, Optional
+
+import torch
+from safetensors import safe_open
+from tqdm import tqdm
+
+from megadual.config.schema import BackboneConfig
+from megadual.models.qwen2 import Qwen2ForCausalLM, config_from_hf
+from megadual.models.qwen2.hf_adapter import from_hf_key, iter_hf_tensors, read_hf_config, to_hf_key
+from megadual.train.init_checkpoint import is_init_checkpoint, open_init_checkpoint
+
+from .sharding import StateDict, merge_tensor_parallel, partition_dims, split_tensor_parallel
+from .training_checkpoint import (
+    TensorSource,
+    check_against_config,
+    open_training_checkpoint,
+    training_checkpoint_source,
+)
+from .writers import parse_size, write_hf_backbone, write_init_checkpoint
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Text tokenizer files copied next to the weights when the source has them.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+                   "tokenizer.model", "generation_config.json")
+
+
+class _LazyRankFile:
+    """name -> tensor of one init-checkpoint rank file, read on access.
+
+    The file is opened per tensor: a handle kept open keeps every page it has read mapped,
+    and the process would end up holding the whole checkpoint.
+    """
+
+    def __init__(self, path: str):
+        self._path = path
+        with safe_open(path, framework="pt") as f:
+            self._keys = list(f.keys())
+
+    def keys(self):
+        return self._keys
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        with safe_open(self._path, framework="pt") as f:
+            return f.get_tensor(name)
+
+
+def _dims(cfg: BackboneConfig) -> dict[str, Optional[int]]:
+    with torch.device("meta"):
+        return partition_dims(Qwen2ForCausalLM(cfg))
+
+
+def load_source(src: str, tag: Optional[str] = None) -> TensorSource:
+    """The tensors of a training run's checkpoint or of an init checkpoint, merged on request.
+
+    Raises:
+        ValueError: `src` is neither, or its tensors do not match its config.
+        FileNotFoundError: `src` or one of its shards is missing.
+    """
+    if not os.path.isdir(src):
+        raise FileNotFoundError(f"{src} does not exist")
+    if is_init_checkpoint(src):
+        ckpt = open_init_checkpoint(src)
+        ranks = [_LazyRankFile(ckpt.rank_file(r)) for r in range(ckpt.tp)]
+        return TensorSource(ckpt.backbone, ranks, ckpt.trainer_state, f"init checkpoint {src} (tp={ckpt.tp})")
+    ckpt = open_training_checkpoint(src, tag)
+    return training_checkpoint_source(ckpt, _client_state(ckpt.path))
+
+
+def _client_state(tag_dir: str) -> Optional[dict[str, Any]]:
+    """The trainer position (step, loader) saved with a DeepSpeed checkpoint, if any."""
+    for path in sorted(glob.glob(os.path.join(tag_dir, "*model_states.pt"))):
+        if os.path.basename(path).startswith("layer_"):
+            continue
+        states = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        if "step" in states and "loader" in states:
+            return {"step": int(states["step"]), "loader": states["loader"]}
+    return None
+
+
+def to_hf(src: str, out: str, tag: Optional[str] = None, max_shard_size: str = "5GB", dtype: Optional[str] = None,
+          dry_run: bool = False, overwrite: bool = False) -> list[str]:
+    """Write `src` as a Hugging Face Qwen2 directory; returns the files (or, dry run, the plan)."""
+    source = load_source(src, tag)
+    torch_dtype = DTYPES[dtype] if dtype else None
+    if dry_run:
+        return _plan_hf(source, out, parse_size(max_shard_size), torch_dtype)
+    extra = {f: os.path.join(src, f) for f in TOKENIZER_FILES if os.path.isfile(os.path.join(src, f))}
+    items = tqdm(source.items(), total=len(source.names()), desc="to-hf", unit="tensor", leave=False)
+    files = write_hf_backbone(items, source.backbone, out, parse_size(max_shard_size), torch_dtype, overwrite, extra)
+    logger.info("wrote %s from %s", out, source.description)
+    return files + ["config.json", *extra]
+
+
+def _plan_hf(source: TensorSource, out: str, max_shard_bytes: int, dtype: Optional[torch.dtype]) -> list[str]:
+    lines, shard, shard_bytes = [f"{out}/config.json"], 1, 0
+    for name, tensor in source.items():
+        hf_name = to_hf_key(name)
+        if hf_name == "lm_head.weight" and source.backbone.tie_embeddings:
+            continue
+        size = tensor.numel() * (torch.empty((), dtype=dtype).element_size() if dtype else tensor.element_size())
+        if shard_bytes and shard_bytes + size > max_shard_bytes:
+            shard, shard_bytes = shard + 1, 0
+        shard_bytes += size
+        lines.append(f"{out}/shard {shard}: {hf_name} {tuple(tensor.shape)}")
+    return lines
+
+
+def from_hf(hf_dir: str, out: str, tp: int, overwrite: bool = False) -> None:
+    """A MegaDual init checkpoint for `tp` tensor-parallel ranks from a HF Qwen2/Qwen2.5 directory.
+
+    Tensors keep their dtype, so HF -> MegaDual -> HF is bit-identical. Any pipeline degree
+    can start from the result.
+    """
+    backbone = config_from_hf(read_hf_config(hf_dir))
+    dims = _dims(backbone)
+    shards: list[StateDict] = [{} for _ in range(tp)]
+    for hf_name, tensor in tqdm(iter_hf_tensors(hf_dir), desc="from-hf", unit="tensor", leave=False):
+        name = from_hf_key(hf_name)
+        if name is None or (name == "lm_head.weight" and backbone.tie_embeddings):
+            continue
+        for rank, part in enumerate(split_tensor_parallel({name: tensor}, dims, tp)):
+            shards[rank].update(part)
+    full_check = dict(shards[0]) if tp == 1 else merge_tensor_parallel(shards, dims)
+    if backbone.tie_embeddings:
+        full_check["lm_head.weight"] = full_check["backbone.embed_tokens.weight"]
+    check_against_config(full_check, backbone, where=hf_dir)
+    write_init_checkpoint(shards, backbone, out, source=os.path.abspath(hf_dir), overwrite=overwrite)
+
+
+def reshard(src: str, out: str, tp: int, tag: Optional[str] = None, overwrite: bool = False) -> None:
+    """Rewrite `src` for `tp` tensor-parallel ranks (any pipeline degree), keeping the trainer's
+    position so training continues at the same step; optimizer moments are not carried over."""
+    source = load_source(src, tag)
+    shards = split_tensor_parallel(source.state_dict(), _dims(source.backbone), tp)
+    write_init_checkpoint(shards, source.backbone, out, trainer_state=source.trainer_state,
+                          source=source.description, overwrite=overwrite)
+
+
+def main(args) -> int:
+    """`megadual convert ...` handler."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.action == "to-hf":
+        files = to_hf(args.src, args.out, args.tag, args.max_shard_size, args.dtype, args.dry_run, args.overwrite)
+        print("\n".join(files))
+    elif args.action == "from-hf":
+        from_hf(args.hf, args.out, args.tp, args.overwrite)
+        print(f"wrote {args.out} (tp={args.tp})")
+    else:
+        reshard(args.src, args.out, args.tp, args.tag, args.overwrite)
+        print(f"wrote {args.out} (tp={args.tp})")
+    return 0

@@ -1,0 +1,190 @@
+"""Read a DeepSpeed training checkpoint of any layout as the single-process model's tensors.
+
+Layouts and where the weights are (t = tensor-parallel rank, i = pipeline layer):
+- pipeline (pp > 1): layer_{i:02d}-model_{t:02d}-model_states.pt, one per layer and tp rank;
+- ZeRO-1/2/3 without pipeline: fp32 partitions in zero_pp_rank_*_mp_rank_{t:02d}_*, merged
+  over data-parallel ranks with DeepSpeed's own `zero_to_fp32`, one tp rank at a time;
+- ZeRO-0 without pipeline: mp_rank_{t:02d}_model_states.pt ("module").
+Tensor-parallel shards are then merged along the dimension their layer type splits.
+The run's config.yaml (written by every trainer) says which layout it is.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import tempfile
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import torch
+
+from megadual.config import Config, load_config
+from megadual.distributed.pipeline import pipeline_to_model_name
+from megadual.models.qwen2 import Qwen2ForCausalLM
+from megadual.train.checkpoint import checkpoint_tag_dir
+
+from .sharding import StateDict, merge_tensor_parallel, partition_dims
+
+
+class CheckpointError(ValueError):
+    """A directory that is not a readable MegaDual checkpoint (message says what is wrong)."""
+
+
+@dataclass
+class TrainingCheckpoint:
+    """A located checkpoint: its run config and tag directory."""
+
+    cfg: Config
+    path: str
+
+    @property
+    def tp(self) -> int:
+        return self.cfg.parallel.tp
+
+    @property
+    def pp(self) -> int:
+        return self.cfg.parallel.pp
+
+
+def open_training_checkpoint(run_dir: str, tag: Optional[str] = None) -> TrainingCheckpoint:
+    """Find the run's config and checkpoint `tag` (default: the newest complete one).
+
+    Raises:
+        CheckpointError: no config.yaml, or no backbone section in it.
+        FileNotFoundError: no such checkpoint.
+    """
+    config_path = os.path.join(run_dir, "config.yaml")
+    if not os.path.isfile(config_path):
+        raise CheckpointError(f"{run_dir} is not a MegaDual run directory: it has no config.yaml")
+    cfg = load_config(config_path)
+    if cfg.backbone is None:
+        raise CheckpointError(f"{config_path} has no backbone section")
+    return TrainingCheckpoint(cfg=cfg, path=checkpoint_tag_dir(run_dir, tag))
+
+
+def _load(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint shard {path} is missing")
+    # mmap: tensors stay on disk until read, so merging streams instead of holding every rank.
+    return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+
+
+def _pipeline_rank_state(ckpt: TrainingCheckpoint, tp_rank: int) -> StateDict:
+    num_layers = ckpt.cfg.backbone.num_layers
+    state: StateDict = {}
+    for layer in range(num_layers + 3):
+        path = os.path.join(ckpt.path, f"layer_{layer:02d}-model_{tp_rank:02d}-model_states.pt")
+        if layer == num_layers + 2 and ckpt.cfg.backbone.tie_embeddings:
+            continue  # the tied head is saved once, with the embedding
+        for key, tensor in _load(path).items():
+            state[pipeline_to_model_name(layer, key, num_layers)] = tensor
+    return state
+
+
+def _zero_rank_state(ckpt: TrainingCheckpoint, tp_rank: int) -> StateDict:
+    """DeepSpeed's zero_to_fp32 on the files of one tensor-parallel rank (it globs every
+    *_model_states.pt / *_optim_states.pt in a directory, so give it a directory of one rank)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    files = glob.glob(os.path.join(ckpt.path, f"*mp_rank_{tp_rank:02d}_*states.pt"))
+    if not any(f.endswith("_optim_states.pt") for f in files):
+        raise FileNotFoundError(f"{ckpt.path} has no optimizer partitions for tensor-parallel rank {tp_rank}")
+    with tempfile.TemporaryDirectory() as tmp:
+        tag_dir = os.path.join(tmp, "tag")
+        os.makedirs(tag_dir)
+        for f in files:
+            os.symlink(os.path.abspath(f), os.path.join(tag_dir, os.path.basename(f)))
+        return dict(get_fp32_state_dict_from_zero_checkpoint(tmp, tag="tag"))
+
+
+def _plain_rank_state(ckpt: TrainingCheckpoint, tp_rank: int) -> StateDict:
+    return dict(_load(os.path.join(ckpt.path, f"mp_rank_{tp_rank:02d}_model_states.pt"))["module"])
+
+
+def read_rank_states(ckpt: TrainingCheckpoint) -> list[StateDict]:
+    """One state dict per tensor-parallel rank, in single-process names (shards not merged)."""
+    if ckpt.pp > 1:
+        reader = _pipeline_rank_state
+    elif ckpt.cfg.parallel.zero_stage > 0:
+        reader = _zero_rank_state
+    else:
+        reader = _plain_rank_state
+    return [reader(ckpt, t) for t in range(ckpt.tp)]
+
+
+def expected_tensors(backbone) -> dict[str, torch.Size]:
+    """Names and full shapes of the single-process backbone."""
+    with torch.device("meta"):
+        model = Qwen2ForCausalLM(backbone)
+    return {name: t.shape for name, t in model.state_dict().items()}
+
+
+class TensorSource:
+    """The full tensors of a checkpoint, merged across tensor-parallel ranks one at a time.
+
+    Conversions stream through `items()`, so memory holds one merged tensor at a time (rank
+    files are memory-mapped or read lazily; ZeRO partitions are the exception: DeepSpeed's
+    zero_to_fp32 returns whole state dicts). A tied output head is not listed: it is the
+    embedding (`state_dict()` adds it back for loading into a model).
+
+    Args:
+        backbone: the architecture the tensors must match.
+        rank_tensors: per tensor-parallel rank, a mapping name -> tensor (may be lazy).
+    """
+
+    def __init__(self, backbone, rank_tensors: list, trainer_state=None, description: str = ""):
+        self.backbone = backbone
+        self.trainer_state = trainer_state
+        self.description = description
+        self._ranks = rank_tensors
+        with torch.device("meta"):
+            self._dims = partition_dims(Qwen2ForCausalLM(backbone))
+        self._expected = expected_tensors(backbone)
+        if backbone.tie_embeddings:
+            self._expected.pop("lm_head.weight")
+        # Training checkpoints of a tied model also list the head: it is the embedding.
+        present = set(rank_tensors[0].keys()) - ({"lm_head.weight"} if backbone.tie_embeddings else set())
+        missing, unexpected = sorted(set(self._expected) - present), sorted(present - set(self._expected))
+        if missing or unexpected:
+            raise CheckpointError(f"{description}: missing tensors {missing[:5]}, unexpected tensors {unexpected[:5]}")
+
+    def names(self) -> list[str]:
+        """Stable order: embedding, layers by index, norm, head."""
+        return sorted(self._expected, key=lambda n: [int(p) if p.isdigit() else p for p in n.split(".")])
+
+    def get(self, name: str) -> torch.Tensor:
+        tensor = merge_tensor_parallel([{name: rank[name]} for rank in self._ranks], self._dims)[name]
+        if tuple(tensor.shape) != tuple(self._expected[name]):
+            raise CheckpointError(
+                f"{self.description}: {name!r} has shape {tuple(tensor.shape)}, the run's config implies "
+                f"{tuple(self._expected[name])}"
+            )
+        return tensor
+
+    def items(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for name in self.names():
+            yield name, self.get(name)
+
+    def state_dict(self) -> StateDict:
+        """Every tensor in memory, tied head included (for loading into a model)."""
+        state = dict(self.items())
+        if self.backbone.tie_embeddings:
+            state["lm_head.weight"] = state["backbone.embed_tokens.weight"]
+        return state
+
+
+def check_against_config(state: StateDict, backbone, where: str) -> None:
+    """Raise CheckpointError unless `state` holds exactly the backbone's tensors and shapes."""
+    expected = expected_tensors(backbone)
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(f"{where}: missing tensors {missing[:5]}, unexpected tensors {unexpected[:5]}")
+    for name, shape in expected.items():
+        if tuple(state[name].shape) != tuple(shape):
+            raise CheckpointError(f"{where}: {name!r} has shape {tuple(state[name].shape)}, config.json implies {tuple(shape)}")
+
+
+def training_checkpoint_source(ckpt: TrainingCheckpoint, trainer_state=None) -> TensorSource:
+    description = f"training checkpoint {ckpt.path} (tp={ckpt.tp}, pp={ckpt.pp}, zero={ckpt.cfg.parallel.zero_stage})"
+    return TensorSource(ckpt.cfg.backbone, read_rank_states(ckpt), trainer_state, description)
