@@ -42,9 +42,11 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
+    # megadual first: importing megadual.models patches torchvision for the CPU torch, which
+    # transformers' Qwen2 import needs (it fails with "operator torchvision::nms does not exist").
     from megadual.models.qwen2 import load_hf
+
+    from transformers import Qwen2Config, Qwen2ForCausalLM  # noqa: I001
 
     torch.manual_seed(0)
     hf_config = Qwen2Config(

@@ -426,6 +426,25 @@ def config_from_dict(data: Mapping[str, Any], *, validate: bool = True) -> Confi
     return cfg
 
 
+def section_from_dict(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
+    """Build one section dataclass of the schema strictly from a mapping and validate it.
+
+    Used where a section travels on its own (e.g. a saved tokenizer's config.json).
+
+    Args:
+        cls: the section's dataclass, e.g. `TokenizerConfig`.
+        data: its mapping.
+        prefix: the dotted key errors should name (default: the section's own default prefix).
+
+    Raises:
+        ConfigError: unknown key, wrong type, missing value or impossible combination.
+    """
+    section = _build(cls, data, prefix)
+    if hasattr(section, "validate"):
+        section.validate(prefix) if prefix else section.validate()
+    return section
+
+
 def load_config(path_or_paths: PathLike | Sequence[PathLike], overrides: Iterable[str] | None = ()) -> Config:
     """Load YAML files (merged in order, later wins, deep-merged by section), apply overrides.
 

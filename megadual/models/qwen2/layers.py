@@ -11,6 +11,8 @@ are plain.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -20,6 +22,7 @@ from megadual.distributed.comm import ProcessGroup
 from megadual.distributed.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
 from .attention import AttentionPlan, causal_attention
+from .cache import LayerKV
 
 
 class RotaryEmbedding(nn.Module):
@@ -63,14 +66,23 @@ class Attention(nn.Module):
         self.v_proj = ColumnParallelLinear(d, kv_width, cfg.qkv_bias, tp_group, std)
         self.o_proj = RowParallelLinear(q_width, d, False, tp_group, std)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], plan: AttentionPlan) -> torch.Tensor:
-        """Shapes: x [B, T, D] -> [B, T, D] (H and G are per tensor-parallel rank)."""
+    def forward(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], plan: AttentionPlan, kv: Optional[LayerKV] = None
+    ) -> torch.Tensor:
+        """Shapes: x [B, T, D] -> [B, T, D] (H and G are per tensor-parallel rank).
+
+        With `kv` (decoding), the new keys/values are appended to the cache and the T new
+        queries attend to all S+T of them; `plan` then comes from `KVCache.begin_step`.
+        """
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, -1, self.head_dim)  # [B, T, H, E]
         k = self.k_proj(x).view(b, t, -1, self.head_dim)  # [B, T, G, E]
         v = self.v_proj(x).view(b, t, -1, self.head_dim)  # [B, T, G, E]
         cos, sin = rope
-        out = causal_attention(apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v, plan)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if kv is not None:
+            k, v = kv.update(k, v)  # [B, S+T, G, E]
+        out = causal_attention(q, k, v, plan)
         return self.o_proj(out.reshape(b, t, -1))  # [B, T, H*E] -> [B, T, D]
 
 
@@ -99,6 +111,8 @@ class DecoderLayer(nn.Module):
         self.mlp_norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
         self.mlp = SwiGLU(cfg, tp_group)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], plan: AttentionPlan) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), rope, plan)
+    def forward(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], plan: AttentionPlan, kv: Optional[LayerKV] = None
+    ) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), rope, plan, kv)
         return x + self.mlp(self.mlp_norm(x))

@@ -12,6 +12,8 @@ from the global RNG, as `deepspeed.zero.Init` requires: it partitions each param
 soon as its module is built.
 Packed input: pass `position_ids` that restart per document and `cu_seqlens`, the document
 offsets over the N flattened tokens; no token then attends across a document boundary.
+Incremental decoding: pass a `KVCache` (cache.py); positions continue from the cached real
+tokens, and the result equals running the whole sequence at once.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from megadual.distributed.comm import ProcessGroup
 from megadual.distributed.tensor_parallel import ColumnParallelLinear, VocabParallelEmbedding
 
 from .attention import plan_attention
+from .cache import KVCache
 from .layers import DecoderLayer, RotaryEmbedding
 
 
@@ -98,6 +101,8 @@ class Qwen2Model(nn.Module):
         position_ids: Optional[torch.Tensor] = None,
         cu_seqlens: Optional[torch.Tensor] = None,
         inputs_embeds: Optional[torch.Tensor] = None,
+        kv_cache: Optional[KVCache] = None,
+        attention_mask: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """Run the decoder.
 
@@ -107,6 +112,11 @@ class Qwen2Model(nn.Module):
             cu_seqlens: int [num_docs + 1] document offsets over the B*T flattened tokens
                 (packed input), or None when each row is one sequence.
             inputs_embeds: [B, T, D] embeddings to use instead of looking up `input_ids`.
+            kv_cache: decoding: the T tokens follow the S already cached (and are appended to
+                the cache); default positions continue from the cached real tokens. Not with
+                `cu_seqlens`. Inference only (under torch.no_grad()).
+            attention_mask: with `kv_cache` only: bool [B, T], False on (left) padding tokens,
+                which no later token attends to.
 
         Returns:
             Final-norm hidden states [B, T, D].
@@ -120,6 +130,10 @@ class Qwen2Model(nn.Module):
                 self.check_token_ids(input_ids)
             inputs_embeds = self.embed_tokens(input_ids)
         b, t, _ = inputs_embeds.shape
+        if kv_cache is not None:
+            return self._decode(inputs_embeds, position_ids, cu_seqlens, kv_cache, attention_mask)
+        if attention_mask is not None:
+            raise ValueError("attention_mask is only used with kv_cache; pack unpadded documents with cu_seqlens instead")
         if position_ids is None:
             position_ids = default_position_ids(b, t, inputs_embeds.device)
         elif position_ids.shape != (b, t):
@@ -133,6 +147,26 @@ class Qwen2Model(nn.Module):
                 x = checkpoint(layer, x, rope, plan, use_reentrant=False)
             else:
                 x = layer(x, rope, plan)
+        return self.norm(x)
+
+    def _decode(self, x, position_ids, cu_seqlens, kv_cache: KVCache, attention_mask) -> torch.Tensor:
+        """The cached path of `forward`, kept apart so the training path stays as it was."""
+        b, t, _ = x.shape
+        if cu_seqlens is not None:
+            raise ValueError("kv_cache does not take packed input (cu_seqlens); decode one sequence per row")
+        if len(kv_cache.layers) != len(self.layers):
+            raise ValueError(
+                f"the KVCache has {len(kv_cache.layers)} layers, this model {len(self.layers)}; "
+                "build it with KVCache(cfg.num_layers)"
+            )
+        if position_ids is None:
+            position_ids = kv_cache.position_ids(attention_mask, b, t, x.device)
+        elif position_ids.shape != (b, t):
+            raise ValueError(f"position_ids must have shape {(b, t)}, got {tuple(position_ids.shape)}")
+        plan = kv_cache.begin_step(attention_mask, b, t, x.device)
+        rope = self.rotary(position_ids, x.dtype)
+        for layer, kv in zip(self.layers, kv_cache.layers):
+            x = layer(x, rope, plan, kv)
         return self.norm(x)
 
 
@@ -164,9 +198,11 @@ class Qwen2ForCausalLM(nn.Module):
         position_ids: Optional[torch.Tensor] = None,
         cu_seqlens: Optional[torch.Tensor] = None,
         inputs_embeds: Optional[torch.Tensor] = None,
+        kv_cache: Optional[KVCache] = None,
+        attention_mask: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """Logits [B, T, V/p] (same arguments as `Qwen2Model.forward`)."""
-        return self.lm_head(self.backbone(input_ids, position_ids, cu_seqlens, inputs_embeds))
+        return self.lm_head(self.backbone(input_ids, position_ids, cu_seqlens, inputs_embeds, kv_cache, attention_mask))
 
 
 def build_qwen2(cfg: BackboneConfig, seed: Optional[int] = None, tp_group: ProcessGroup = None) -> Qwen2ForCausalLM:
