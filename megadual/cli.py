@@ -157,6 +157,12 @@ COMMANDS: list[Command] = [
         handler="megadual.train.lm:main",
     ),
     Command(
+        "train",
+        "stage-2 training of the unified model (DeepSpeed)",
+        add_arguments=_add_train_lm_arguments,
+        handler="megadual.train.mllm:main",
+    ),
+    Command(
         "convert",
         "checkpoints to and from Hugging Face; reshard",
         subcommands=(

@@ -30,12 +30,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .init_layers import NormalEmbedding, NormalLinear
+
 
 def _linear(in_features: int, out_features: int, std: float) -> nn.Linear:
-    layer = nn.Linear(in_features, out_features)
-    nn.init.normal_(layer.weight, 0.0, std)
-    nn.init.zeros_(layer.bias)
-    return layer
+    return NormalLinear(in_features, out_features, std)
 
 
 class DepthBlock(nn.Module):
@@ -66,7 +65,8 @@ class DepthBlock(nn.Module):
         values are appended. The newest depth is always last, so no mask is needed.
         """
         n, s, w = x.shape
-        q, k, v = self.qkv(self.attn_norm(x)).view(n, s, 3, self.num_heads, -1).unbind(2)  # [N, S, H, E] each
+        # Explicit head size, not -1: a micro-batch may have no visual target (N = 0).
+        q, k, v = self.qkv(self.attn_norm(x)).view(n, s, 3, self.num_heads, w // self.num_heads).unbind(2)  # [N, S, H, E]
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [N, H, S, E]
         if cache is not None:
             if cache:
@@ -111,8 +111,7 @@ class DepthHead(nn.Module):
         super().__init__()
         self.codebook_size, self.depth = codebook_size, depth
         self.input_proj = _linear(hidden_size, width, init_std)
-        self.code_embed = nn.Embedding(codebook_size, width)
-        nn.init.normal_(self.code_embed.weight, 0.0, init_std)
+        self.code_embed = NormalEmbedding(codebook_size, width, init_std)
         self.depth_embed = nn.Parameter(torch.randn(depth, width) * init_std)
         self.blocks = nn.ModuleList(DepthBlock(width, num_heads, mlp_ratio, init_std) for _ in range(num_layers))
         self.norm = nn.RMSNorm(width, eps=1e-6)

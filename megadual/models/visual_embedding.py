@@ -22,6 +22,8 @@ from torch import nn
 
 from megadual.config.schema import MLLMConfig
 
+from .init_layers import NormalLinear
+
 
 def check_codes(codes: torch.Tensor, codebook_size: int, name: str) -> None:
     """Raise ValueError if any code lies outside [0, codebook_size) (costs one reduction)."""
@@ -46,11 +48,8 @@ class CodeProjector(nn.Module):
     def __init__(self, codebook_size: int, code_dim: int, out_dim: int, hidden_dim: int, init_std: float):
         super().__init__()
         self.codebook = nn.Parameter(torch.randn(codebook_size, code_dim) * init_std)  # [K, C]
-        self.fc1 = nn.Linear(code_dim, hidden_dim)
-        self.fc2 = nn.Linear(hidden_dim, out_dim)
-        for layer in (self.fc1, self.fc2):
-            nn.init.normal_(layer.weight, 0.0, init_std)
-            nn.init.zeros_(layer.bias)
+        self.fc1 = NormalLinear(code_dim, hidden_dim, init_std)
+        self.fc2 = NormalLinear(hidden_dim, out_dim, init_std)
 
     def forward(self, codes: torch.Tensor) -> torch.Tensor:
         lead = codes.shape[:-1]

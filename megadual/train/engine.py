@@ -30,6 +30,7 @@ from megadual.distributed.topology import Topology
 from megadual.models.qwen2 import Qwen2ForCausalLM, load_hf
 
 from .init_checkpoint import check_compatible, open_init_checkpoint, pipeline_state_names, read_rank_tensors
+from .loop import StepResult
 from .schedule import lr_at
 
 
@@ -89,6 +90,36 @@ class LMEngine:
     ds_config: dict[str, Any]
 
 
+def construction_context(cfg: Config, topology: Topology, ds_config: dict[str, Any]):
+    """Where to build a non-pipeline model: under ZeRO-3 each parameter is partitioned over
+    the data-parallel group as soon as its module is built (`deepspeed.zero.Init`)."""
+    return deepspeed.zero.Init(
+        data_parallel_group=topology.dp_group,
+        config_dict_or_path=ds_config,
+        mpu=topology.mpu(),
+        enabled=cfg.parallel.zero_stage == 3,
+    )
+
+
+def initialize_engine(cfg: Config, module: torch.nn.Module, ds_config: dict[str, Any], mpu) -> Any:
+    """`deepspeed.initialize` with torch AdamW over the trainable parameters (decay on matrices
+    only) and the config's LR schedule as a LambdaLR that DeepSpeed steps and checkpoints."""
+
+    def schedule(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: lr_at(step, cfg.optim, cfg.train.steps) / cfg.optim.lr
+        )
+
+    engine, _, _, _ = deepspeed.initialize(
+        model=module,
+        model_parameters=_param_groups(module, cfg.optim.weight_decay),
+        config=ds_config,
+        mpu=mpu,
+        lr_scheduler=schedule,
+    )
+    return engine
+
+
 def build_lm_engine(cfg: Config, topology: Topology) -> LMEngine:
     """Model, optimizer (torch AdamW via DeepSpeed), LR schedule and engine for `cfg`.
 
@@ -118,12 +149,7 @@ def build_lm_engine(cfg: Config, topology: Topology) -> LMEngine:
         mpu = None  # the pipeline module carries DeepSpeed's own grid
     else:
         mpu = topology.mpu()
-        with deepspeed.zero.Init(
-            data_parallel_group=topology.dp_group,
-            config_dict_or_path=ds_config,
-            mpu=mpu,
-            enabled=cfg.parallel.zero_stage == 3,
-        ):
+        with construction_context(cfg, topology, ds_config):
             if backbone.hf_path:
                 module = load_hf(backbone.hf_path, attn_impl=backbone.attn_impl)
             else:
@@ -131,29 +157,11 @@ def build_lm_engine(cfg: Config, topology: Topology) -> LMEngine:
         module.backbone.activation_checkpointing = cfg.train.activation_checkpointing
     if cfg.train.init_from:
         load_init_weights(module, cfg, topology)
-
-    def schedule(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
-        return torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: lr_at(step, cfg.optim, cfg.train.steps) / cfg.optim.lr
-        )
-
-    engine, _, _, _ = deepspeed.initialize(
-        model=module,
-        model_parameters=_param_groups(module, cfg.optim.weight_decay),
-        config=ds_config,
-        mpu=mpu,
-        lr_scheduler=schedule,
-    )
+    engine = initialize_engine(cfg, module, ds_config, mpu)
     return LMEngine(engine=engine, is_pipeline=layout.pp > 1, ds_config=ds_config)
 
 
-@dataclass
-class StepResult:
-    loss: float  # mean over micro-batches and data-parallel ranks
-    grad_norm: Optional[float]  # global norm before clipping
-
-
-def _unsharded_grad_norm(module: torch.nn.Module, tp_group: ProcessGroup) -> float:
+def unsharded_grad_norm(module: torch.nn.Module, tp_group: ProcessGroup) -> float:
     """Global gradient 2-norm of a ZeRO-0 model: tensor-parallel shards count on every rank,
     replicated parameters once (on tp rank 0)."""
     first = tp_group is None or torch.distributed.get_rank(tp_group) == 0
@@ -190,7 +198,7 @@ def train_step(lm: LMEngine, batches: list[dict[str, torch.Tensor]], topology: T
         if i == len(batches) - 1 and engine.zero_optimization_stage() == 0:
             # DeepSpeed reports no norm without ZeRO; after the boundary backward the gradients
             # are averaged over data-parallel ranks and not yet clipped.
-            grad_norm = _unsharded_grad_norm(engine.module, topology.tp_group)
+            grad_norm = unsharded_grad_norm(engine.module, topology.tp_group)
         engine.step()
         total += loss.detach()
     total /= len(batches)

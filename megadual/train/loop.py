@@ -1,0 +1,179 @@
+"""The training loop every trainer shares: start-up, resume, metrics, checkpoints.
+
+A trainer supplies the engine, its loader and a step function; this module does the rest:
+plan the layout before any process-group work, start the process group and the topology,
+write the resolved config, resume from the newest complete checkpoint (or continue from an
+init checkpoint's trainer position), log one JSON object per optimizer step to
+metrics.jsonl (step, loss, lr, grad_norm, tokens, step_time, plus the task's loss parts),
+save DeepSpeed checkpoints with the loader position, and record each rank's peak memory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+from tqdm import tqdm
+
+from megadual.config import Config, dump_config
+from megadual.distributed.runtime import ProcessInfo, init_distributed
+from megadual.distributed.topology import Topology, plan_layout
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINTS = "checkpoints"
+
+
+@dataclass
+class StepResult:
+    """One optimizer step: loss averaged over micro-batches and data-parallel ranks."""
+
+    loss: float
+    grad_norm: Optional[float]
+    parts: dict[str, float] = field(default_factory=dict)  # e.g. text_loss, visual_loss
+
+
+@dataclass
+class RunResult:
+    """What a finished run reports back to its caller (figures of this invocation)."""
+
+    run_dir: str
+    first_loss: float
+    last_loss: float
+    steps_run: int
+
+
+@dataclass
+class TrainingJob:
+    """What the loop drives: a DeepSpeed engine, a stateful loader and one optimizer step."""
+
+    engine: Any
+    loader: Any  # iterator with state_dict() / load_state_dict()
+    step: Callable[[list[dict]], StepResult]
+    tokens_per_step: int
+    name: str
+
+
+def step_tag(step: int) -> str:
+    return f"step_{step:06d}"
+
+
+def latest_step(run_dir: str) -> Optional[int]:
+    """The step of the newest complete DeepSpeed checkpoint (its `latest` file), or None."""
+    latest = os.path.join(run_dir, CHECKPOINTS, "latest")
+    if not os.path.isfile(latest):
+        return None
+    with open(latest, encoding="utf-8") as f:
+        return int(f.read().strip().removeprefix("step_"))
+
+
+def _limit_threads(world_size: int) -> None:
+    """The `deepspeed` launcher leaves OMP_NUM_THREADS unset; share the cores between ranks
+    instead of letting every rank use all of them (many times slower on small machines)."""
+    if "OMP_NUM_THREADS" not in os.environ and not torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local)))
+
+
+def start_run(cfg: Config) -> tuple[ProcessInfo, Topology]:
+    """Validate the layout (before any process group), start the group, build the topology,
+    and write the resolved config into the run directory (rank 0)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    layout = plan_layout(cfg.parallel, cfg.backbone, world_size)
+    _limit_threads(world_size)
+    info = init_distributed()
+    topology = Topology(layout)
+    if info.rank == 0:
+        os.makedirs(cfg.run.out_dir, exist_ok=True)
+        dump_config(cfg, os.path.join(cfg.run.out_dir, "config.yaml"))
+    return info, topology
+
+
+def _continue_from_init(path: str, job: TrainingJob) -> int:
+    """Weights came in with the engine; a resharded run also continues its step, LR schedule
+    and data position (the optimizer's moments start afresh: they are not resharded)."""
+    from .init_checkpoint import open_init_checkpoint
+
+    state = open_init_checkpoint(path).trainer_state
+    if not state:
+        return 0
+    job.loader.load_state_dict(state["loader"])
+    for _ in range(state["step"]):
+        job.engine.lr_scheduler.step()
+    logger.info("continuing from init checkpoint %s at step %d", path, state["step"])
+    return int(state["step"])
+
+
+def _write_rank_stats(run_dir: str, rank: int) -> None:
+    """ranks/rank_N.json: this rank's peak host memory (and device memory on GPU)."""
+    import resource
+
+    stats = {"rank": rank, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if torch.cuda.is_available():
+        stats["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    os.makedirs(os.path.join(run_dir, "ranks"), exist_ok=True)
+    with open(os.path.join(run_dir, "ranks", f"rank_{rank}.json"), "w", encoding="utf-8") as f:
+        json.dump(stats, f)
+
+
+def run_loop(cfg: Config, job: TrainingJob, info: ProcessInfo, resume: bool, show_progress: bool) -> RunResult:
+    """Train `cfg.train.steps` optimizer steps (fewer if resuming), as the module doc says."""
+    engine, loader = job.engine, job.loader
+    run_dir = cfg.run.out_dir
+    checkpoint_root = os.path.join(run_dir, CHECKPOINTS)
+    is_writer = info.rank == 0
+
+    start_step = 0
+    if resume and latest_step(run_dir) is not None:
+        _, client_state = engine.load_checkpoint(checkpoint_root)
+        loader.load_state_dict(client_state["loader"])
+        start_step = client_state["step"]
+        logger.info("resumed from %s at step %d", checkpoint_root, start_step)
+    elif cfg.train.init_from:
+        start_step = _continue_from_init(cfg.train.init_from, job)
+
+    def save(step: int) -> None:
+        # Collective: every rank writes its partitions; `latest` is updated once all are written.
+        engine.save_checkpoint(checkpoint_root, tag=step_tag(step),
+                               client_state={"loader": loader.state_dict(), "step": step})
+
+    total = cfg.train.steps
+    losses: list[float] = []
+    engine.train()
+    metrics = open(os.path.join(run_dir, "metrics.jsonl"), "a", encoding="utf-8") if is_writer else None
+    progress = tqdm(total=total, initial=start_step, desc=job.name, unit="step",
+                    disable=not (show_progress and is_writer))
+    try:
+        for step in range(start_step, total):
+            started = time.perf_counter()
+            lr = engine.get_lr()[0]
+            result = job.step([next(loader) for _ in range(cfg.train.grad_accum)])
+            losses.append(result.loss)
+            if is_writer:
+                record = {"step": step + 1, "loss": result.loss, "lr": lr, "grad_norm": result.grad_norm,
+                          "tokens": job.tokens_per_step, "step_time": time.perf_counter() - started, **result.parts}
+                metrics.write(json.dumps(record) + "\n")
+                if (step + 1) % cfg.run.log_every == 0 or step + 1 == total:
+                    metrics.flush()
+                    progress.set_postfix(loss=f"{result.loss:.3f}")
+            progress.update(1)
+            if cfg.train.save_every and (step + 1) % cfg.train.save_every == 0 and step + 1 < total:
+                save(step + 1)
+        if start_step < total:
+            save(total)
+    finally:
+        progress.close()
+        if metrics:
+            metrics.close()
+    _write_rank_stats(run_dir, info.rank)
+    return RunResult(
+        run_dir=run_dir,
+        first_loss=losses[0] if losses else float("nan"),
+        last_loss=losses[-1] if losses else float("nan"),
+        steps_run=len(losses),
+    )

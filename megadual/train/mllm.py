@@ -1,0 +1,133 @@
+"""Stage-2 training of the unified DualToken MLLM on DeepSpeed (`megadual train`).
+
+Layouts: tp x dp with ZeRO 0-3 (the model is built under `deepspeed.zero.Init` for ZeRO-3).
+The backbone can start from a MegaDual init checkpoint (`train.init_from`, e.g. the output
+of `megadual convert from-hf` on a Qwen2.5 directory); which parts train follows
+`mllm.trainable_stage` (the paper's four stages). Data: packed token shards
+(`loader:` section), split over data-parallel ranks. The run directory is the shared
+loop's (megadual/train/loop.py); metrics.jsonl adds text_loss, visual_loss, pixel_loss and
+semantic_loss to every step.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import asdict
+
+import torch
+
+from megadual.config import Config
+from megadual.config.errors import ConfigError
+from megadual.data.mm_sequence import SpecialTokens
+from megadual.data.packed_loader import PackedMultimodalLoader
+from megadual.distributed.deepspeed_config import build_deepspeed_config
+from megadual.distributed.topology import Topology
+from megadual.models.mllm import DualTokenMLLM, apply_trainable_stage
+
+from .engine import unsharded_grad_norm, construction_context, initialize_engine, load_init_weights
+from .loop import RunResult, StepResult, TrainingJob, run_loop, start_run
+
+logger = logging.getLogger(__name__)
+
+LOSS_PARTS = ("text_loss", "visual_loss", "pixel_loss", "semantic_loss")
+
+
+def check_mllm_config(cfg: Config) -> None:
+    """The combinations the unified trainer needs, named by their keys."""
+    cfg.require("backbone", "mllm", "train", "loader", command="train")
+    if cfg.parallel.pp > 1:
+        raise ConfigError(
+            "parallel.pp", cfg.parallel.pp,
+            "1 for the unified model (its pipeline split is not built yet); use tp x dp with parallel.zero_stage=3",
+        )
+    if cfg.loader.seq_len != cfg.train.seq_len:
+        raise ConfigError("loader.seq_len", cfg.loader.seq_len, f"train.seq_len={cfg.train.seq_len} (one row length)")
+    if cfg.loader.batch_size != cfg.train.micro_batch_size:
+        raise ConfigError(
+            "loader.batch_size", cfg.loader.batch_size, f"train.micro_batch_size={cfg.train.micro_batch_size}"
+        )
+
+
+def build_mllm_engine(cfg: Config, topology: Topology):
+    """The unified model (initialised, parts frozen per stage) inside a DeepSpeed engine."""
+    ds_config = build_deepspeed_config(cfg, topology.layout)
+    with construction_context(cfg, topology, ds_config):
+        model = DualTokenMLLM(cfg.backbone, cfg.mllm, tp_group=topology.tp_group, seed=cfg.run.seed)
+    model.lm.backbone.activation_checkpointing = cfg.train.activation_checkpointing
+    if cfg.train.init_from:
+        load_init_weights(model.lm, cfg, topology)
+    if cfg.mllm.code_init == "tokenizer":
+        raise ConfigError("mllm.code_init", "tokenizer", "'learned' until the tokenizer's codebooks can be read here")
+    trainable = apply_trainable_stage(model, cfg.mllm.trainable_stage)
+    logger.info("trainable parameters per part (stage %s): %s", cfg.mllm.trainable_stage, trainable)
+    return initialize_engine(cfg, model, ds_config, topology.mpu())
+
+
+def mllm_step(engine, batches: list[dict], topology: Topology) -> StepResult:
+    """One optimizer step over `batches` (one per accumulation step).
+
+    The loss is the mean of the micro-batch losses (what DeepSpeed optimises); each logged part
+    is a mean over its own targets across micro-batches and data-parallel ranks (None when the
+    step had none of that kind, e.g. no generation sample).
+    """
+    device = engine.device
+    loss_sum = torch.zeros((), device=device)
+    # Per part: sum over targets, and the target count (text parts over text targets, visual over visual).
+    part_sums = torch.zeros(len(LOSS_PARTS), device=device)
+    counts = torch.zeros(2, device=device)
+    grad_norm = None
+    for i, batch in enumerate(batches):
+        out = engine({k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()})
+        engine.backward(out.loss)
+        if i == len(batches) - 1 and engine.zero_optimization_stage() == 0:
+            grad_norm = unsharded_grad_norm(engine.module, topology.tp_group)
+        engine.step()
+        nt, nv = out.num_text_targets.float(), out.num_visual_targets.float()
+        loss_sum += out.loss.detach()
+        part_sums += torch.stack([out.text_loss * nt, out.visual_loss * nv, out.pixel_loss * nv, out.semantic_loss * nv])
+        counts += torch.stack([nt, nv])
+    totals = torch.cat([loss_sum.view(1) / len(batches), part_sums, counts])
+    if topology.layout.dp > 1:
+        torch.distributed.all_reduce(totals, group=topology.dp_group)
+        totals[0] /= topology.layout.dp
+    loss, parts, (nt, nv) = totals[0].item(), totals[1:5].tolist(), totals[5:].tolist()
+    per = (nt, nv, nv, nv)
+    if grad_norm is None and engine.get_global_grad_norm() is not None:
+        grad_norm = float(engine.get_global_grad_norm())
+    return StepResult(loss=loss, grad_norm=grad_norm,
+                      parts={name: (value / n if n else None) for name, value, n in zip(LOSS_PARTS, parts, per)})
+
+
+def train_mllm(cfg: Config, resume: bool = False, show_progress: bool = True) -> RunResult:
+    """Train the unified model as the config says, in the launched layout.
+
+    Raises:
+        ConfigError: a layout or section combination this trainer cannot run, before any
+            process-group work.
+    """
+    check_mllm_config(cfg)
+    info, topology = start_run(cfg)
+    loader = PackedMultimodalLoader(
+        cfg.loader, SpecialTokens(**asdict(cfg.mllm.tokens)), rank=topology.dp_rank, world_size=topology.layout.dp
+    )
+    engine = build_mllm_engine(cfg, topology)
+    job = TrainingJob(
+        engine=engine,
+        loader=loader,
+        step=lambda batches: mllm_step(engine, batches, topology),
+        tokens_per_step=cfg.train.micro_batch_size * cfg.train.grad_accum * cfg.train.seq_len * topology.layout.dp,
+        name="train",
+    )
+    return run_loop(cfg, job, info, resume, show_progress)
+
+
+def main(args) -> int:
+    """`megadual train`: the parsed arguments carry --config/--set and --resume."""
+    from megadual.config import config_from_args
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    result = train_mllm(config_from_args(args), resume=args.resume)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"trained {result.steps_run} steps in {result.run_dir}: loss {result.first_loss:.4f} -> {result.last_loss:.4f}")
+    return 0
