@@ -49,6 +49,7 @@ LAYERS: dict[str, tuple[int, str]] = {
     "megadual.losses": (2, "losses"),
     "megadual.data": (2, "data"),
     "megadual.distributed.pipeline": (3, "distributed.pipeline"),
+    "megadual.distributed.pipeline_mllm": (3, "distributed.pipeline_mllm"),
     "megadual.distributed.deepspeed_config": (3, "distributed.deepspeed_config"),
     "megadual.distributed.runtime": (3, "distributed.runtime"),
     "megadual.train": (4, "train"),
@@ -74,6 +75,7 @@ ONLY_IMPORTS: dict[str, dict[str, tuple[str, ...] | None]] = {
 # The only modules allowed to import deepspeed (prefixes).
 DEEPSPEED_ALLOWED: tuple[str, ...] = (
     "megadual.distributed.pipeline",
+    "megadual.distributed.pipeline_mllm",
     "megadual.distributed.deepspeed_config",
     "megadual.distributed.runtime",
     "megadual.train",

@@ -48,9 +48,11 @@ class EmbeddingStage(nn.Module):
         with block_rng(seed, 0):
             self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp_group, cfg.init_std)
 
-    def forward(self, inputs: StageActivations) -> StageActivations:
-        input_ids, position_ids, cu_seqlens = inputs
-        return self.embed_tokens(input_ids), position_ids, cu_seqlens
+    def forward(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """(ids, position_ids, cu_seqlens, *extra) -> (embeddings, position_ids, cu_seqlens, *extra);
+        extra tensors (the unified model's codes and modality mask) pass through to the next layer."""
+        input_ids, position_ids, cu_seqlens, *extra = inputs
+        return (self.embed_tokens(input_ids), position_ids, cu_seqlens, *extra)
 
     def project(self, hidden: torch.Tensor) -> torch.Tensor:
         """Tied output head: [B, T, D] -> logits [B, T, V/p]."""

@@ -188,40 +188,8 @@ class DualTokenMLLM(nn.Module):
 
         Only positions with a target go through the lm_head and the heads.
         """
-        labels, pixel_labels, semantic_labels = batch["labels"], batch["pixel_labels"], batch["semantic_labels"]
-        text_mask = labels != IGNORE_INDEX  # [B, T]
-        visual_mask = pixel_labels[..., 0] != IGNORE_INDEX  # code targets come as whole [R] rows
-        if "loss_mask" in batch:
-            text_mask = text_mask & batch["loss_mask"]
-            visual_mask = visual_mask & batch["loss_mask"]
-
-        text_logits = self.lm.lm_head(hidden[text_mask])  # [Nt, V/p]
-        text_nll = vocab_parallel_cross_entropy(text_logits, labels[text_mask], self.tp_group)  # [Nt]
-
-        h_visual = hidden[visual_mask]  # [Nv, D]
-        branch_nll = []
-        for head, targets in ((self.pixel_head, pixel_labels), (self.semantic_head, semantic_labels)):
-            codes = targets[visual_mask]  # [Nv, R]
-            logits = head(h_visual, codes)  # [Nv, R, K]
-            nll = F.cross_entropy(logits.flatten(0, 1).float(), codes.flatten(), reduction="none")
-            branch_nll.append(nll.view(codes.shape))  # [Nv, R]
-        pixel_nll, semantic_nll = branch_nll
-        visual_nll = 0.5 * (pixel_nll.mean(dim=1) + semantic_nll.mean(dim=1))  # [Nv]: one term per position
-
-        num_text = text_mask.sum()
-        num_visual = visual_mask.sum()
-        loss = (text_nll.sum() + self.cfg.visual_loss_weight * visual_nll.sum()) / (num_text + num_visual).clamp(min=1)
-        with torch.no_grad():
-            nt, nv = num_text.clamp(min=1), num_visual.clamp(min=1)
-            return MLLMLosses(
-                loss=loss,
-                text_loss=text_nll.sum() / nt,
-                visual_loss=visual_nll.sum() / nv,
-                pixel_loss=pixel_nll.mean(dim=1).sum() / nv,
-                semantic_loss=semantic_nll.mean(dim=1).sum() / nv,
-                num_text_targets=num_text,
-                num_visual_targets=num_visual,
-            )
+        return compute_losses(hidden, batch, self.lm.lm_head, self.pixel_head, self.semantic_head,
+                              self.cfg.visual_loss_weight, self.tp_group)
 
     # ------------------------------------------------------------------ generation
 
@@ -382,6 +350,51 @@ class DualTokenMLLM(nn.Module):
                 break
             h = self.lm.backbone(nxt[:, None], kv_cache=cache)[:, -1]
         return torch.stack(new, dim=1) if new else input_ids.new_zeros((input_ids.shape[0], 0))
+
+
+def compute_losses(hidden: torch.Tensor, batch: dict, lm_head, pixel_head: DepthHead, semantic_head: DepthHead,
+                   visual_loss_weight: float, tp_group: ProcessGroup = None) -> MLLMLosses:
+    """The unified loss (module docstring) from final hidden states [B, T, D].
+
+    Args:
+        lm_head: maps [N, D] to this rank's text logits [N, V/p] (the model's lm_head, or a
+            pipeline stage's tied embedding projection).
+        batch: needs labels, pixel_labels, semantic_labels (and optionally loss_mask).
+    """
+    labels, pixel_labels, semantic_labels = batch["labels"], batch["pixel_labels"], batch["semantic_labels"]
+    text_mask = labels != IGNORE_INDEX  # [B, T]
+    visual_mask = pixel_labels[..., 0] != IGNORE_INDEX  # code targets come as whole [R] rows
+    if "loss_mask" in batch:
+        text_mask = text_mask & batch["loss_mask"]
+        visual_mask = visual_mask & batch["loss_mask"]
+
+    text_logits = lm_head(hidden[text_mask])  # [Nt, V/p]
+    text_nll = vocab_parallel_cross_entropy(text_logits, labels[text_mask], tp_group)  # [Nt]
+
+    h_visual = hidden[visual_mask]  # [Nv, D]
+    branch_nll = []
+    for head, targets in ((pixel_head, pixel_labels), (semantic_head, semantic_labels)):
+        codes = targets[visual_mask]  # [Nv, R]
+        logits = head(h_visual, codes)  # [Nv, R, K]
+        nll = F.cross_entropy(logits.flatten(0, 1).float(), codes.flatten(), reduction="none")
+        branch_nll.append(nll.view(codes.shape))  # [Nv, R]
+    pixel_nll, semantic_nll = branch_nll
+    visual_nll = 0.5 * (pixel_nll.mean(dim=1) + semantic_nll.mean(dim=1))  # [Nv]: one term per position
+
+    num_text = text_mask.sum()
+    num_visual = visual_mask.sum()
+    loss = (text_nll.sum() + visual_loss_weight * visual_nll.sum()) / (num_text + num_visual).clamp(min=1)
+    with torch.no_grad():
+        nt, nv = num_text.clamp(min=1), num_visual.clamp(min=1)
+        return MLLMLosses(
+            loss=loss,
+            text_loss=text_nll.sum() / nt,
+            visual_loss=visual_nll.sum() / nv,
+            pixel_loss=pixel_nll.mean(dim=1).sum() / nv,
+            semantic_loss=semantic_nll.mean(dim=1).sum() / nv,
+            num_text_targets=num_text,
+            num_visual_targets=num_visual,
+        )
 
 
 def apply_trainable_stage(model: DualTokenMLLM, stage: str) -> dict[str, int]:

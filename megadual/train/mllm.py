@@ -1,6 +1,7 @@
 """Stage-2 training of the unified DualToken MLLM on DeepSpeed (`megadual train`).
 
-Layouts: tp x dp with ZeRO 0-3 (the model is built under `deepspeed.zero.Init` for ZeRO-3).
+Layouts: tp x dp with ZeRO 0-3 (the model is built under `deepspeed.zero.Init` for ZeRO-3),
+and tp x pp x dp with ZeRO-1 (a `PipelineModule` with the depth heads on the last stage).
 The backbone can start from a MegaDual init checkpoint (`train.init_from`, e.g. the output
 of `megadual convert from-hf` on a Qwen2.5 directory); which parts train follows
 `mllm.trainable_stage` (the paper's four stages). Data: packed token shards
@@ -22,6 +23,8 @@ from megadual.config.errors import ConfigError
 from megadual.data.mm_sequence import SpecialTokens
 from megadual.data.packed_loader import PackedMultimodalLoader
 from megadual.distributed.deepspeed_config import build_deepspeed_config
+from megadual.distributed.pipeline import pad_cu_seqlens
+from megadual.distributed.pipeline_mllm import build_mllm_pipeline_module, pipeline_inputs
 from megadual.distributed.topology import Topology
 from megadual.models.mllm import DualTokenMLLM, apply_trainable_stage
 
@@ -36,11 +39,6 @@ LOSS_PARTS = ("text_loss", "visual_loss", "pixel_loss", "semantic_loss")
 def check_mllm_config(cfg: Config) -> None:
     """The combinations the unified trainer needs, named by their keys."""
     cfg.require("backbone", "mllm", "train", "loader", command="train")
-    if cfg.parallel.pp > 1:
-        raise ConfigError(
-            "parallel.pp", cfg.parallel.pp,
-            "1 for the unified model (its pipeline split is not built yet); use tp x dp with parallel.zero_stage=3",
-        )
     if cfg.loader.seq_len != cfg.train.seq_len:
         raise ConfigError("loader.seq_len", cfg.loader.seq_len, f"train.seq_len={cfg.train.seq_len} (one row length)")
     if cfg.loader.batch_size != cfg.train.micro_batch_size:
@@ -50,18 +48,43 @@ def check_mllm_config(cfg: Config) -> None:
 
 
 def build_mllm_engine(cfg: Config, topology: Topology):
-    """The unified model (initialised, parts frozen per stage) inside a DeepSpeed engine."""
+    """The unified model (initialised, parts frozen per stage) inside a DeepSpeed engine:
+    a `PipelineModule` with the heads on the last stage when pp > 1."""
+    if cfg.mllm.code_init == "tokenizer":
+        raise ConfigError("mllm.code_init", "tokenizer", "'learned' until the tokenizer's codebooks can be read here")
     ds_config = build_deepspeed_config(cfg, topology.layout)
+    if topology.layout.pp > 1:
+        if cfg.mllm.trainable_stage != "all" or cfg.train.init_from:
+            raise ConfigError("parallel.pp", topology.layout.pp,
+                              "1 when mllm.trainable_stage is not 'all' or train.init_from is set (pipeline stages "
+                              "do not yet freeze parts or load init checkpoints)")
+        module = build_mllm_pipeline_module(
+            cfg.backbone, cfg.mllm, topology, seed=cfg.run.seed,
+            activation_checkpoint_interval=1 if cfg.train.activation_checkpointing else 0,
+        )
+        return initialize_engine(cfg, module, ds_config, mpu=None)
     with construction_context(cfg, topology, ds_config):
         model = DualTokenMLLM(cfg.backbone, cfg.mllm, tp_group=topology.tp_group, seed=cfg.run.seed)
     model.lm.backbone.activation_checkpointing = cfg.train.activation_checkpointing
     if cfg.train.init_from:
         load_init_weights(model.lm, cfg, topology)
-    if cfg.mllm.code_init == "tokenizer":
-        raise ConfigError("mllm.code_init", "tokenizer", "'learned' until the tokenizer's codebooks can be read here")
     trainable = apply_trainable_stage(model, cfg.mllm.trainable_stage)
     logger.info("trainable parameters per part (stage %s): %s", cfg.mllm.trainable_stage, trainable)
     return initialize_engine(cfg, model, ds_config, topology.mpu())
+
+
+def mllm_pipeline_step(engine, batches: list[dict]) -> StepResult:
+    """One optimizer step through DeepSpeed's 1F1B schedule; only the total loss is known here
+    (the parts are computed on the last stage inside the schedule)."""
+
+    def stream():
+        for b in batches:
+            b = dict(b, cu_seqlens=pad_cu_seqlens(b["cu_seqlens"], b["input_ids"].numel()))
+            yield pipeline_inputs(b)
+
+    loss = float(engine.train_batch(data_iter=stream()))
+    norm = engine.get_global_grad_norm()
+    return StepResult(loss=loss, grad_norm=None if norm is None else float(norm))
 
 
 def mllm_step(engine, batches: list[dict], topology: Topology) -> StepResult:
@@ -115,7 +138,8 @@ def train_mllm(cfg: Config, resume: bool = False, show_progress: bool = True) ->
     job = TrainingJob(
         engine=engine,
         loader=loader,
-        step=lambda batches: mllm_step(engine, batches, topology),
+        step=(lambda batches: mllm_pipeline_step(engine, batches)) if topology.layout.pp > 1
+        else (lambda batches: mllm_step(engine, batches, topology)),
         tokens_per_step=cfg.train.micro_batch_size * cfg.train.grad_accum * cfg.train.seq_len * topology.layout.dp,
         name="train",
     )

@@ -91,19 +91,23 @@ def reference_losses(cfg, dp: int) -> list[float]:
 
 # Relative 1e-5 over 5 steps: sharding reorders fp32 sums only (~1e-7 per step); a wrong shard
 # or a missed reduction moves the loss by far more.
-@pytest.mark.parametrize("layout", [["parallel.tp=2"], ["parallel.zero_stage=3"], ["parallel.tp=2", "parallel.zero_stage=3"]],
-                         ids=["tp2", "dp2-zero3", "tp2-zero3"])
+@pytest.mark.parametrize(
+    "layout",
+    [["parallel.tp=2"], ["parallel.zero_stage=3"], ["parallel.tp=2", "parallel.zero_stage=3"],
+     ["parallel.pp=2", "parallel.zero_stage=1"], ["parallel.pp=2", "parallel.zero_stage=1", "backbone.tie_embeddings=false"]],
+    ids=["tp2", "dp2-zero3", "tp2-zero3", "pp2", "pp2-untied"],
+)
 def test_parallel_layouts_match_single_process(layout, tmp_path, shards):
     overrides = [*layout, "train.steps=5", "optim.warmup_steps=2"]
     run_distributed(_train, world_size=2, timeout=300, args=(str(tmp_path), shards, overrides))
     got = [r["loss"] for r in _records(tmp_path)]
     cfg = _config(tmp_path, shards, *overrides)
-    want = reference_losses(cfg, dp=2 // cfg.parallel.tp)
+    want = reference_losses(cfg, dp=2 // (cfg.parallel.tp * cfg.parallel.pp))
     for step, (g, w) in enumerate(zip(got, want), start=1):
         assert abs(g - w) <= 1e-5 * abs(w), f"step {step}: {g} vs single process {w}"
 
 
-def test_pipeline_is_refused_before_process_groups(tmp_path, shards):
-    with pytest.raises(ValueError, match="parallel.pp"):
-        train_mllm(_config(tmp_path, shards, "parallel.pp=2", "parallel.zero_stage=1"), show_progress=False)
+def test_bad_combination_is_refused_before_process_groups(tmp_path, shards):
+    with pytest.raises(ValueError, match="loader.batch_size"):
+        train_mllm(_config(tmp_path, shards, "loader.batch_size=3"), show_progress=False)
     assert not torch.distributed.is_initialized()
