@@ -70,6 +70,8 @@ setup(
         "numpy>=1.24",
         "tqdm>=4.60",
         "webdataset>=0.2.86",
+        "matplotlib>=3.7",  # loss curves and codebook-usage plots (Agg backend, headless)
+        "wandb>=0.16",  # opt-in experiment tracking, offline by default
     ],
     extras_require={
         "dev": [

@@ -20,6 +20,8 @@ class RunConfig:
     out_dir: str = "runs/default"
     seed: int = 0
     log_every: int = 10
+    # wandb project to log to (rank 0; offline unless WANDB_MODE says otherwise); None: off.
+    wandb_project: Optional[str] = None
 
     def validate(self, prefix: str = "run") -> None:
         if self.log_every < 1:

@@ -4,8 +4,9 @@ A trainer supplies the engine, its loader and a step function; this module does 
 plan the layout before any process-group work, start the process group and the topology,
 write the resolved config, resume from the newest complete checkpoint (or continue from an
 init checkpoint's trainer position), log one JSON object per optimizer step to
-metrics.jsonl (step, loss, lr, grad_norm, tokens, step_time, plus the task's loss parts),
-save DeepSpeed checkpoints with the loader position, and record each rank's peak memory.
+metrics.jsonl (step, loss, lr, grad_norm, tokens, step_time, plus the task's loss parts)
+and to wandb when `run.wandb_project` is set, save DeepSpeed checkpoints with the loader
+position and a loss.png of the curves so far, and record each rank's peak memory.
 """
 
 from __future__ import annotations
@@ -20,9 +21,11 @@ from typing import Any, Callable, Optional
 import torch
 from tqdm import tqdm
 
-from megadual.config import Config, dump_config
+from megadual.config import Config, config_to_dict, dump_config
 from megadual.distributed.runtime import ProcessInfo, init_distributed
 from megadual.distributed.topology import Topology, plan_layout
+
+from .tracking import WandbTracker, plot_losses
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +60,7 @@ class TrainingJob:
     step: Callable[[list[dict]], StepResult]
     tokens_per_step: int
     name: str
+    plot_keys: tuple[str, ...] = ("loss",)  # metrics drawn into loss.png at every save
 
 
 def step_tag(step: int) -> str:
@@ -137,15 +141,21 @@ def run_loop(cfg: Config, job: TrainingJob, info: ProcessInfo, resume: bool, sho
     elif cfg.train.init_from:
         start_step = _continue_from_init(cfg.train.init_from, job)
 
+    metrics_path = os.path.join(run_dir, "metrics.jsonl")
+
     def save(step: int) -> None:
         # Collective: every rank writes its partitions; `latest` is updated once all are written.
         engine.save_checkpoint(checkpoint_root, tag=step_tag(step),
                                client_state={"loader": loader.state_dict(), "step": step})
+        if is_writer:
+            metrics.flush()
+            plot_losses(metrics_path, os.path.join(run_dir, "loss.png"), job.plot_keys)
 
     total = cfg.train.steps
     losses: list[float] = []
     engine.train()
-    metrics = open(os.path.join(run_dir, "metrics.jsonl"), "a", encoding="utf-8") if is_writer else None
+    metrics = open(metrics_path, "a", encoding="utf-8") if is_writer else None
+    tracker = WandbTracker(cfg.run.wandb_project, run_dir, config_to_dict(cfg), enabled=is_writer)
     progress = tqdm(total=total, initial=start_step, desc=job.name, unit="step",
                     disable=not (show_progress and is_writer))
     try:
@@ -158,6 +168,7 @@ def run_loop(cfg: Config, job: TrainingJob, info: ProcessInfo, resume: bool, sho
                 record = {"step": step + 1, "loss": result.loss, "lr": lr, "grad_norm": result.grad_norm,
                           "tokens": job.tokens_per_step, "step_time": time.perf_counter() - started, **result.parts}
                 metrics.write(json.dumps(record) + "\n")
+                tracker.log(record)
                 if (step + 1) % cfg.run.log_every == 0 or step + 1 == total:
                     metrics.flush()
                     progress.set_postfix(loss=f"{result.loss:.3f}")
@@ -168,6 +179,7 @@ def run_loop(cfg: Config, job: TrainingJob, info: ProcessInfo, resume: bool, sho
             save(total)
     finally:
         progress.close()
+        tracker.finish()
         if metrics:
             metrics.close()
     _write_rank_stats(run_dir, info.rank)

@@ -142,6 +142,7 @@ def train_mllm(cfg: Config, resume: bool = False, show_progress: bool = True) ->
         else (lambda batches: mllm_step(engine, batches, topology)),
         tokens_per_step=cfg.train.micro_batch_size * cfg.train.grad_accum * cfg.train.seq_len * topology.layout.dp,
         name="train",
+        plot_keys=("loss", *LOSS_PARTS),
     )
     return run_loop(cfg, job, info, resume, show_progress)
 

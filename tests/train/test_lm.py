@@ -38,14 +38,17 @@ def _records(run_dir):
 
 
 def test_loss_falls_and_run_dir_is_complete(tmp_path):
-    first, last = run_distributed(_train, world_size=1, timeout=180, args=(str(tmp_path), ["train.steps=25"]))[0]
+    overrides = ["train.steps=25", "run.wandb_project=megadual-tests"]
+    first, last = run_distributed(_train, world_size=1, timeout=180, args=(str(tmp_path), overrides))[0]
     records = _records(tmp_path)
     assert [r["step"] for r in records] == list(range(1, 26))
     assert set(records[0]) == {"step", "loss", "lr", "grad_norm", "tokens", "step_time"}
     assert records[0]["tokens"] == 2 * 4 * 96
     assert all(r["grad_norm"] > 0 for r in records)
     assert last < 0.6 * first
-    assert load_config(str(tmp_path / "config.yaml")) == _config(tmp_path, "train.steps=25")
+    assert load_config(str(tmp_path / "config.yaml")) == _config(tmp_path, *overrides)
+    assert (tmp_path / "loss.png").stat().st_size > 1000
+    assert list((tmp_path / "wandb").glob("offline-run-*"))  # logged offline, no network
     assert latest_step(str(tmp_path)) == 25
     assert "backbone.embed_tokens.weight" in load_model_state(str(tmp_path))
 
