@@ -25,8 +25,9 @@ def scene_codes(scene, num_positions: int, depth: int, codebook: int) -> tuple[n
     return pixel.astype(np.uint16), np.broadcast_to(semantic, (num_positions, depth)).astype(np.uint16)
 
 
-def write_scene_token_shards(directory: str, num_samples: int, num_positions: int = 16, depth: int = 4,
-                             codebook: int = 64, per_shard: int = 64, seed: int = 0) -> None:
+def write_scene_token_shards(directory: str, num_samples: int, num_positions: int = 64, depth: int = 2,
+                             codebook: int = 128, per_shard: int = 64, seed: int = 0) -> None:
+    """Shards sized like the debug tokenizer's output (configs/debug/mllm.yaml)."""
     manifest = Manifest(tokenizer_checkpoint_sha256="0" * 64, text_tokenizer="megadual-bytes",
                         pixel_codebook_size=codebook, semantic_codebook_size=codebook,
                         num_positions=num_positions, depth=depth)
