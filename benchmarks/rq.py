@@ -12,6 +12,9 @@ no warm-up for anything slower than 5 s). The floor is R plain GEMMs (N x D) @ (
 preallocated N x K output: the arithmetic of the distance search with none of the search.
 All codebooks are shared by the R depths (DualToken's setting).
 
+The extension's CPU search is the fused register-blocked kernel at D <= 256 (AVX-512 or
+AVX2+FMA); the "GEMM-tiled search" row forces the older path (MEGADUAL_RQ_CPU_KERNEL=gemm).
+
 Targets (issue 4): encode + EMA <= 1.25x the floor at D=256; >= 4x faster than
 vector-quantize-pytorch's train mode; at D=32, K=16384 the fused encode >= 2.5x faster than
 the (memory-bound) floor; extra memory far below one N x K fp32 matrix.
@@ -36,6 +39,7 @@ IMPLS = [
     ("floor", "GEMM floor", "-"),
     ("ext_encode", "megadual ext", "encode"),
     ("ext_train", "megadual ext", "encode + EMA"),
+    ("ext_encode_gemm", "megadual ext, GEMM-tiled search", "encode"),
     ("ref_encode", "reference", "encode"),
     ("ref_train", "reference", "encode + EMA"),
     ("vqp_eval", "vq-pytorch", "eval"),
@@ -79,6 +83,9 @@ def _build(impl: str, shape: dict):
                 torch.mm(x, cbt, out=out)
 
         return run
+    if impl == "ext_encode_gemm":
+        # The GEMM-tiled search the fused one replaces at D <= 256 (read by the op per call).
+        os.environ["MEGADUAL_RQ_CPU_KERNEL"] = "gemm"
     if impl.startswith(("ext", "ref")):
         import megadual.ops as ops
         from megadual.ops import reference

@@ -1,7 +1,8 @@
 // Shapes: N rows, D dim, K codes, R depth, C codebooks (1 when shared by all depths, else R).
 //
 // The megadual op schemas, their argument checks, and the CPU kernels of batched residual
-// quantization (RQ) and EMA codebook updates. CUDA kernels live in cuda/rq_cuda.cu; the ops
+// quantization (RQ) and EMA codebook updates. The small-D nearest-code search is the fused
+// kernel of rq_fused_cpu.cpp; larger D uses GEMM tiles here. CUDA kernels live in cuda/rq_cuda.cu; the ops
 // that are plain ATen compositions (EMA apply on CUDA, dead-code restart) are registered here
 // for every device. The PyTorch reference in megadual/ops/reference.py defines the semantics
 // and is the test oracle: keep the two in step.
@@ -14,7 +15,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
+#include <string>
 #include <limits>
 #include <vector>
 
@@ -33,6 +36,29 @@ constexpr int64_t kTileK = 1024;
 constexpr int64_t kSmallD = 64;
 constexpr int64_t kTileNSmallD = 256;
 constexpr int64_t kTileKSmallD = 2048;
+// The fused search (rq_fused_cpu.cpp) for D up to kFusedCrossoverD: it never writes a dot
+// tile, which at small D is what bounds the GEMM path (memory, not arithmetic). Its rows per
+// work item, and codes per cache block: ~64 KiB of packed codes (2048 codes at D=32), which
+// stay in L2 while every row tile of the work item passes over them.
+constexpr int64_t kFusedCrossoverD = 256;
+constexpr int64_t kFusedTileN = 256;
+constexpr int64_t kFusedBlockFloats = 65536;
+
+// Which CPU search rq_encode runs: the fused kernel where the CPU has one and D is small
+// enough, else the GEMM-tiled one. MEGADUAL_RQ_CPU_KERNEL=gemm|avx2|avx512 forces one (for
+// tests and benchmarks; a fused ISA this CPU lacks falls back to the GEMM path). Read per call.
+FusedIsa choose_search(int64_t D) {
+  static const FusedIsa best = fused_isa_supported();
+  if (D > kFusedMaxD) return FusedIsa::kNone;
+  const char* env = std::getenv("MEGADUAL_RQ_CPU_KERNEL");
+  const std::string want = env != nullptr ? env : "";
+  if (want == "gemm") return FusedIsa::kNone;
+  if (want == "avx2") return best != FusedIsa::kNone ? FusedIsa::kAvx2 : FusedIsa::kNone;
+  if (want == "avx512") return best == FusedIsa::kAvx512 ? FusedIsa::kAvx512 : FusedIsa::kNone;
+  TORCH_CHECK_VALUE(want.empty() || want == "auto", "MEGADUAL_RQ_CPU_KERNEL must be auto, gemm, avx2 or avx512, got '",
+                    want, "'");
+  return D <= kFusedCrossoverD ? best : FusedIsa::kNone;
+}
 // Lanes of the vectorised argmin (one AVX-512 register of fp32; two AVX2 ones).
 constexpr int kLanes = 16;
 
@@ -215,14 +241,21 @@ void ema_apply_cpu_impl(float* cs, float* es, float* cb, const float* counts, co
 
 // The greedy search over blocks of rows; see rq_encode_cpu. A function rather than the body of
 // the dispatch lambda because pragmas cannot appear inside a macro argument.
+// With isa != kNone the search of each depth is the fused kernel over the packed codebooks
+// (packed / packed_norms: C consecutive fused_pack_codebook outputs; tk = codes per cache
+// block); otherwise GEMM tiles of tk codes (cb_tiles) each followed by argmin_merge_tile.
 template <typename scalar_t>
 void rq_encode_cpu_blocks(const at::Tensor& x, const at::Tensor& cbf, const at::Tensor& norms,
-                          const std::vector<at::Tensor>& cb_tiles, int64_t C, int64_t depth, int64_t tn, int64_t tk,
+                          const std::vector<at::Tensor>& cb_tiles, FusedIsa isa, const float* packed,
+                          const float* packed_norms, int64_t C, int64_t depth, int64_t tn, int64_t tk,
                           int64_t* codesp, at::Tensor& quantized, bool return_cumulative,
                           at::Tensor& cumulative) {
   const int64_t N = x.size(0), D = x.size(1), K = cbf.size(-2);
+  const bool fused = isa != FusedIsa::kNone;
   const int64_t num_k_tiles = (K + tk - 1) / tk;
   const int64_t num_blocks = (N + tn - 1) / tn;
+  const int64_t panel = fused ? fused_panel_codes(isa) : 1;
+  const int64_t packed_k = (K + panel - 1) / panel * panel;
   const float* cbp = cbf.const_data_ptr<float>();
   const float* normp = norms.const_data_ptr<float>();
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
@@ -233,7 +266,7 @@ void rq_encode_cpu_blocks(const at::Tensor& x, const at::Tensor& cbf, const at::
   at::parallel_for(0, num_blocks, 1, [&](int64_t b0, int64_t b1) {
     const auto f32 = at::TensorOptions().dtype(at::kFloat);
     at::Tensor res_t = at::empty({tn, D}, f32);
-    at::Tensor dots_t = at::empty({tn * tk}, f32);
+    at::Tensor dots_t = at::empty({fused ? 0 : tn * tk}, f32);
     std::vector<float> q(tn * D), best_val(tn);
     std::vector<int64_t> best_idx(tn);
     float* res = res_t.mutable_data_ptr<float>();
@@ -245,13 +278,18 @@ void rq_encode_cpu_blocks(const at::Tensor& x, const at::Tensor& cbf, const at::
       std::fill(q.begin(), q.begin() + rows * D, 0.0f);
       for (int64_t r = 0; r < depth; ++r) {
         const int64_t c = C == 1 ? 0 : r;
-        std::fill(best_val.begin(), best_val.end(), std::numeric_limits<float>::infinity());
-        std::fill(best_idx.begin(), best_idx.end(), 0);
-        for (int64_t t = 0; t < num_k_tiles; ++t) {
-          const int64_t k0 = t * tk, kk = std::min(tk, K - k0);
-          at::Tensor out = dots_t.narrow(0, 0, rows * kk).view({rows, kk});
-          at::mm_out(out, res_rows, cb_tiles[c * num_k_tiles + t]);
-          argmin_merge_tile(dots, normp + c * K + k0, rows, kk, k0, best_val.data(), best_idx.data());
+        if (fused) {
+          fused_nearest_codes(isa, res, rows, D, packed + c * packed_k * D, packed_norms + c * packed_k, K, tk,
+                              best_idx.data());
+        } else {
+          std::fill(best_val.begin(), best_val.end(), std::numeric_limits<float>::infinity());
+          std::fill(best_idx.begin(), best_idx.end(), 0);
+          for (int64_t t = 0; t < num_k_tiles; ++t) {
+            const int64_t k0 = t * tk, kk = std::min(tk, K - k0);
+            at::Tensor out = dots_t.narrow(0, 0, rows * kk).view({rows, kk});
+            at::mm_out(out, res_rows, cb_tiles[c * num_k_tiles + t]);
+            argmin_merge_tile(dots, normp + c * K + k0, rows, kk, k0, best_val.data(), best_idx.data());
+          }
         }
         for (int64_t i = 0; i < rows; ++i) {
           const int64_t code = best_idx[i];
@@ -386,9 +424,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rq_encode_cpu(const at::Tensor& x
   const at::Tensor cbf = codebooks.to(at::kFloat).contiguous();
   // Same expression as the reference so the precomputed norms match it bit for bit.
   const at::Tensor norms = (cbf * cbf).sum(-1).contiguous();
+  const FusedIsa isa = choose_search(D);
+  const bool fused = isa != FusedIsa::kNone;
   const bool small_d = D <= kSmallD;
-  const int64_t tn = std::min(N, tile_n > 0 ? tile_n : (small_d ? kTileNSmallD : kTileN));
-  const int64_t tk = std::min(K, tile_k > 0 ? tile_k : (small_d ? kTileKSmallD : kTileK));
+  // Fused: tn rows per work item, tk codes per cache block. GEMM: tn x tk dot tiles.
+  // (The fused search has no per-call overhead to amortise: small batches still split into at
+  // least two work items per thread.)
+  const int64_t fused_tn = std::clamp<int64_t>((N + 2 * at::get_num_threads() - 1) / (2 * at::get_num_threads()), 16,
+                                               kFusedTileN);
+  const int64_t default_tn = fused ? fused_tn : (small_d ? kTileNSmallD : kTileN);
+  const int64_t default_tk = fused ? std::max<int64_t>(64, kFusedBlockFloats / D) : (small_d ? kTileKSmallD : kTileK);
+  const int64_t tn = std::min(N, tile_n > 0 ? tile_n : default_tn);
+  const int64_t tk = std::min(K, tile_k > 0 ? tile_k : default_tk);
 
   at::Tensor codes = at::empty({N, depth}, x.options().dtype(at::kLong));
   at::Tensor quantized = at::empty_like(x);
@@ -397,7 +444,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rq_encode_cpu(const at::Tensor& x
   // Views built once: the transposed codebook tiles each GEMM multiplies against.
   std::vector<at::Tensor> cb_tiles;  // [C * num_k_tiles], each [D, kk]
   const int64_t num_k_tiles = (K + tk - 1) / tk;
-  for (int64_t c = 0; c < C; ++c) {
+  // Or, for the fused search, the codebooks packed into register-tile panels (O(K * D)).
+  at::Tensor packed, packed_norms;
+  if (fused) {
+    TORCH_CHECK(K <= std::numeric_limits<int32_t>::max() - 64, "rq_encode: K=", K, " codes is too many");
+    const int64_t panel = fused_panel_codes(isa), packed_k = (K + panel - 1) / panel * panel;
+    const auto f32 = at::TensorOptions().dtype(at::kFloat);
+    packed = at::empty({C, packed_k * D}, f32);
+    packed_norms = at::empty({C, packed_k}, f32);
+    const float* cbp = cbf.const_data_ptr<float>();
+    const float* normp = norms.const_data_ptr<float>();
+    for (int64_t c = 0; c < C; ++c) {
+      fused_pack_codebook(isa, cbp + c * K * D, normp + c * K, K, D, packed.mutable_data_ptr<float>() + c * packed_k * D,
+                          packed_norms.mutable_data_ptr<float>() + c * packed_k);
+    }
+  }
+  for (int64_t c = 0; c < C && !fused; ++c) {
     const at::Tensor cb_c = C == 1 ? cbf : cbf.select(0, c);
     for (int64_t t = 0; t < num_k_tiles; ++t) {
       cb_tiles.push_back(cb_c.narrow(0, t * tk, std::min(tk, K - t * tk)).t());
@@ -406,7 +468,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rq_encode_cpu(const at::Tensor& x
   int64_t* codesp = codes.mutable_data_ptr<int64_t>();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "rq_encode_cpu", [&] {
-    rq_encode_cpu_blocks<scalar_t>(x, cbf, norms, cb_tiles, C, depth, tn, tk, codesp, quantized, return_cumulative, cumulative);
+    rq_encode_cpu_blocks<scalar_t>(x, cbf, norms, cb_tiles, isa, fused ? packed.const_data_ptr<float>() : nullptr,
+                                   fused ? packed_norms.const_data_ptr<float>() : nullptr, C, depth, tn, tk, codesp,
+                                   quantized, return_cumulative, cumulative);
   });
   if (codes_dtype.has_value() && *codes_dtype == at::kInt) codes = codes.to(at::kInt);
   return {codes, quantized, cumulative};

@@ -175,6 +175,11 @@ def rq_encode(
         for n0 in range(0, n, ROW_BLOCK):
             # ||x - e||^2 = ||x||^2 + ||e||^2 - 2 x.e; ||x||^2 is the same for every code of a row.
             # argmin returns the first minimum: ties go to the lowest index.
+            # The distance order, which the CPU kernels reproduce bit for bit: x.e is one fp32
+            # fma per component in increasing d, starting from 0 (what MKL's sgemm computes for
+            # this matmul on x86-64), then norm - 2 * dot (2 * dot is exact: one rounding).
+            # The fused kernel (kernels/csrc/rq_fused_cpu.cpp) does exactly that; another BLAS
+            # may round differently, which moves only fp32 near-ties.
             dist = norm - 2 * (residual[n0 : n0 + ROW_BLOCK] @ cb.T)  # [rows, K]
             codes[n0 : n0 + ROW_BLOCK, r] = dist.argmin(dim=1)
         chosen = cb[codes[:, r]]  # [N, D]

@@ -9,6 +9,7 @@ extension is not built; reference-vs-vector-quantize-pytorch tests always run.
 from __future__ import annotations
 
 import importlib.util
+import platform
 import subprocess
 import sys
 import warnings
@@ -120,6 +121,86 @@ def test_ties_go_to_lowest_index(path):
     for tile_k in (0, 37):
         codes = ext_encode(x, cb, 1, tile_k=tile_k)[0] if path == "extension" else ref.rq_encode(x, cb, 1)[0]
         assert codes.flatten().tolist() == [3] * 5
+
+
+# The CPU search has a fused register-blocked kernel (AVX-512 or AVX2+FMA, D <= 256) and a
+# GEMM-tiled one; MEGADUAL_RQ_CPU_KERNEL forces one. "avx2" runs on any AVX-512 machine too.
+CPU_KERNELS = ["auto", "avx512", "avx2", "gemm"]
+ODD_SHAPES = [(1, 1, 1), (13, 5, 7), (301, 33, 517), (129, 64, 1000), (70, 100, 45), (37, 256, 70), (20, 300, 40)]
+
+
+@needs_ext
+@pytest.mark.parametrize("kernel", CPU_KERNELS)
+@pytest.mark.parametrize("shape", ODD_SHAPES, ids=lambda s: "N{}_D{}_K{}".format(*s))
+@pytest.mark.parametrize("dtype", FLOATS, ids=lambda t: str(t).split(".")[-1])
+def test_cpu_kernels_equal_reference_on_odd_shapes(kernel, shape, dtype, monkeypatch):
+    monkeypatch.setenv("MEGADUAL_RQ_CPU_KERNEL", kernel)
+    n, d, k = shape
+    for shared, tiles in ((True, (0, 0)), (False, (5, 33))):
+        x, cb = _data(n, d, k, 3, shared, dtype, seed=n + d + k)
+        codes, q, cum = ext_encode(x, cb, 3, True, None, *tiles)
+        rcodes, rq, rcum = ref.rq_encode(x, cb, 3, True)
+        assert torch.equal(codes, rcodes)
+        assert torch.equal(q, rq) and torch.equal(cum, rcum)
+
+
+def _near_tie_data(n, d, k, seed=0):
+    """Codes in pairs one ulp apart (one component nudged) and rows right next to them:
+    which of a pair wins is decided by the last bit of fp32 rounding, so only the same
+    arithmetic in the same order gives the same codes (a mul-then-add order flips ~3% of rows)."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(k // 2, d, generator=g)
+    nudged = base.clone()
+    rows, comp = torch.arange(k // 2), torch.randint(d, (k // 2,), generator=g)
+    direction = torch.where(torch.rand(k // 2, generator=g) < 0.5, -torch.inf, torch.inf)
+    nudged[rows, comp] = torch.nextafter(base[rows, comp], direction)
+    cb = torch.cat([base, nudged])[torch.randperm(2 * (k // 2), generator=g)]
+    x = cb[torch.randint(cb.shape[0], (n,), generator=g)] + 1e-3 * torch.randn(n, d, generator=g)
+    return x, cb
+
+
+@needs_ext
+@pytest.mark.skipif(
+    not (torch.backends.mkl.is_available() and platform.machine() in ("x86_64", "AMD64")),
+    reason="the pinned distance order (one fp32 fma per component, increasing d) is what MKL's sgemm computes",
+)
+@pytest.mark.parametrize("kernel", CPU_KERNELS)
+@pytest.mark.parametrize("d", [7, 32, 64])
+def test_cpu_kernels_bit_identical_at_near_ties(kernel, d, monkeypatch):
+    monkeypatch.setenv("MEGADUAL_RQ_CPU_KERNEL", kernel)
+    x, cb = _near_tie_data(1500, d, 300, seed=d)
+    want = ref.rq_encode(x, cb, 2)[0]
+    # The GEMM path is only as exact as MKL's choice of kernel: tiny tiles (7 x 33) take a
+    # small-matrix path that rounds differently (~0.5% of these rows). The fused kernel's
+    # arithmetic does not depend on the tiling.
+    for tiles in ((0, 0), (64, 1000)) if kernel == "gemm" else ((0, 0), (7, 33), (64, 1000)):
+        assert torch.equal(ext_encode(x, cb, 2, False, None, *tiles)[0], want)
+
+
+@needs_ext
+@pytest.mark.parametrize("kernel", CPU_KERNELS)
+def test_cpu_kernels_ties_go_to_lowest_index(kernel, monkeypatch):
+    monkeypatch.setenv("MEGADUAL_RQ_CPU_KERNEL", kernel)
+    k, d = 700, 32
+    g = torch.Generator().manual_seed(4)
+    cb = torch.randn(k, d, generator=g) * 3 + 10
+    target = torch.randn(d, generator=g)
+    # Copies in different lanes, vectors, panels and cache blocks, listed high to low.
+    for i in (690, 531, 77, 40, 17):
+        cb[i] = target
+    x = target.repeat(19, 1)
+    for tile_k in (0, 37, 64):
+        assert ext_encode(x, cb, 1, tile_k=tile_k)[0].flatten().tolist() == [17] * 19
+    # Every code identical: code 0 everywhere, at every depth.
+    same = target.repeat(k, 1)
+    assert (ext_encode(torch.randn(9, d, generator=g), same, 3)[0] == 0).all()
+
+
+@needs_ext
+def test_cpu_kernel_env_rejects_unknown_value(monkeypatch):
+    monkeypatch.setenv("MEGADUAL_RQ_CPU_KERNEL", "sse9")
+    with pytest.raises(ValueError, match="MEGADUAL_RQ_CPU_KERNEL"):
+        ext_encode(*_data(4, 8, 5, 1, shared=True), 1)
 
 
 def test_greedy_residual_semantics():
