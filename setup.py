@@ -72,6 +72,11 @@ setup(
         "webdataset>=0.2.86",
         "matplotlib>=3.7",  # loss curves and codebook-usage plots (Agg backend, headless)
         "wandb>=0.16",  # opt-in experiment tracking, offline by default
+        "pillow>=10",
+        # LPIPS for the tokenizer; it needs torchvision, which on a CPU machine resolves to the
+        # build matching torch 2.13.0 only under constraints-cpu.txt (see the Makefile).
+        "lpips>=0.1.4",
+        "torchvision",
     ],
     extras_require={
         "dev": [
@@ -79,6 +84,8 @@ setup(
             "pytest-timeout>=2.3",
             # The parity oracle of the RQ kernels (tests/ops, benchmarks/rq.py); needs torch>=2.4 only.
             "vector-quantize-pytorch>=1.32",
+            # The reference PSNR / SSIM the tokenizer metrics are checked against.
+            "scikit-image>=0.22",
         ],
         # flash-attn compiles against a CUDA torch: install that torch first, then `pip install .[gpu]`.
         "gpu": ["flash-attn>=2.6"],

@@ -90,6 +90,35 @@ def _add_train_lm_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in run.out_dir")
 
 
+def _add_synth_data_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", required=True, help="output directory for the shards and manifest.json")
+    parser.add_argument("--num", type=int, default=4096, help="number of images (default: 4096)")
+    parser.add_argument("--size", type=int, default=64, help="image side in pixels (default: 64)")
+    parser.add_argument("--seed", type=int, default=0, help="scene seed; use another for a held-out set (default: 0)")
+    parser.add_argument("--shard-size", dest="shard_size", type=int, default=1000,
+                        help="images per tar shard (default: 1000)")
+
+
+def _add_extract_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--input", action="append", required=True, metavar="PATH",
+                        help="a .tar shard, a directory of shards, or an image folder with NAME.txt captions; repeatable")
+    parser.add_argument("--out", required=True, help="output directory: token shards, .parts/, manifest.json")
+    parser.add_argument("--tokenizer", required=True, help="a DualTokenizer directory (written by save_pretrained)")
+    parser.add_argument("--text-tokenizer", dest="text_tokenizer", default="bytes",
+                        help="'bytes' (debug) or a local Hugging Face tokenizer directory (default: bytes)")
+    parser.add_argument("--format", choices=["auto", "webdataset", "folder"], default="auto",
+                        help="input kind (default: auto, webdataset when a path is or holds .tar files)")
+    parser.add_argument("--batch-size", dest="batch_size", type=int, default=64, help="images per forward (default: 64)")
+    parser.add_argument("--num-workers", dest="num_workers", type=int, default=2,
+                        help="DataLoader workers decoding images (default: 2)")
+    parser.add_argument("--folder-shard-size", dest="folder_shard_size", type=int, default=1000,
+                        help="images per input (and output) shard when reading folders (default: 1000)")
+    parser.add_argument("--on-corrupt", dest="on_corrupt", choices=["skip", "raise"], default="skip",
+                        help="skip and list unreadable inputs in the manifest, or stop (default: skip)")
+    parser.add_argument("--device", help="cpu or cuda (default: this rank's GPU when there is one)")
+    parser.add_argument("--no-progress", dest="no_progress", action="store_true", help="no progress bar")
+
+
 def _add_to_hf_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--src", required=True, help="a training run directory or a MegaDual init checkpoint")
     parser.add_argument("--out", required=True, help="the Hugging Face directory to write")
@@ -116,6 +145,29 @@ def _add_reshard_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tag", help="checkpoint tag (default: the newest complete one)")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     parser.set_defaults(action="reshard")
+
+
+def _add_inference_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ckpt", required=True, help="a stage-2 run directory (megadual train)")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+
+
+def _add_generate_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_inference_arguments(parser)
+    parser.add_argument("--prompt", action="append", required=True, help="a caption; repeat for a batch")
+    parser.add_argument("--out", required=True, help="PNG path (OUT_i.png for several prompts)")
+    parser.add_argument("--cfg", type=float, help="classifier-free guidance scale (default: mllm.cfg_scale)")
+    parser.add_argument("--temperature", type=float, help="0 = greedy (default: mllm.temperature)")
+    parser.add_argument("--top-k", dest="top_k", type=int, help="keep the k most likely codes (default: mllm.top_k)")
+    parser.add_argument("--top-p", dest="top_p", type=float, help="nucleus sampling (default: mllm.top_p)")
+
+
+def _add_caption_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_inference_arguments(parser)
+    parser.add_argument("--image", action="append", required=True, help="an image file; repeat for a batch")
+    parser.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
 
 
 def _add_demo_arguments(parser: argparse.ArgumentParser) -> None:
@@ -152,9 +204,27 @@ COMMANDS: list[Command] = [
     ),
     Command(
         "train-lm",
-        "train the Qwen2 backbone as a language model (one process)",
+        "train the Qwen2 backbone as a language model (DeepSpeed)",
         add_arguments=_add_train_lm_arguments,
         handler="megadual.train.lm:main",
+    ),
+    Command(
+        "synth-data",
+        "write synthetic shape images as webdataset shards",
+        add_arguments=_add_synth_data_arguments,
+        handler="megadual.data.synthetic_images:main",
+    ),
+    Command(
+        "extract",
+        "pre-extract DualToken codes into token shards",
+        add_arguments=_add_extract_arguments,
+        handler="megadual.pipeline.extract:main",
+    ),
+    Command(
+        "train-tokenizer",
+        "train the DualToken visual tokenizer",
+        add_arguments=_add_train_lm_arguments,
+        handler="megadual.train.tokenizer:main",
     ),
     Command(
         "train",
@@ -162,6 +232,10 @@ COMMANDS: list[Command] = [
         add_arguments=_add_train_lm_arguments,
         handler="megadual.train.mllm:main",
     ),
+    Command("generate", "text-to-image with a trained unified model (CFG)", add_arguments=_add_generate_arguments,
+            handler="megadual.inference.mllm:generate_main"),
+    Command("caption", "caption images with a trained unified model", add_arguments=_add_caption_arguments,
+            handler="megadual.inference.mllm:caption_main"),
     Command(
         "convert",
         "checkpoints to and from Hugging Face; reshard",

@@ -54,6 +54,8 @@ LAYERS: dict[str, tuple[int, str]] = {
     "megadual.distributed.runtime": (3, "distributed.runtime"),
     "megadual.train": (4, "train"),
     "megadual.inference": (4, "inference"),
+    # Offline data pipelines that run trained models (token extraction): beside train/inference.
+    "megadual.pipeline": (4, "pipeline"),
     "megadual.cli": (5, "cli"),
     "megadual.__main__": (5, "cli"),
     # The embedded end-to-end job behind `megadual demo`: an application like the CLI.

@@ -473,6 +473,8 @@ class MLLMConfig:
     # (DualTokenMLLM.init_code_embeddings_) from `tokenizer_path`.
     code_init: Literal["learned", "tokenizer"] = "learned"
     tokenizer_path: Optional[str] = None
+    # "bytes" (the embedded debug tokenizer) or a local Hugging Face tokenizer directory.
+    text_tokenizer: str = "bytes"
     pixel_embed_dim: Optional[int] = None  # pixel share of the hidden size (None: hidden_size // 2)
     projector_hidden: Optional[int] = None  # hidden width of each 2-layer MLP (None: its output width)
     head_layers: int = 3

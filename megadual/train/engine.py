@@ -68,7 +68,7 @@ def load_init_weights(module: torch.nn.Module, cfg: Config, topology: Topology) 
                 param.data.copy_(tensors[name])
 
 
-def _param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+def param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Weight decay on matrices only. ZeRO-3 parameters are flat placeholders: use `ds_shape`."""
 
     def ndim(p):
@@ -112,7 +112,7 @@ def initialize_engine(cfg: Config, module: torch.nn.Module, ds_config: dict[str,
 
     engine, _, _, _ = deepspeed.initialize(
         model=module,
-        model_parameters=_param_groups(module, cfg.optim.weight_decay),
+        model_parameters=param_groups(module, cfg.optim.weight_decay),
         config=ds_config,
         mpu=mpu,
         lr_scheduler=schedule,

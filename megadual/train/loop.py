@@ -76,7 +76,7 @@ def latest_step(run_dir: str) -> Optional[int]:
         return int(f.read().strip().removeprefix("step_"))
 
 
-def _limit_threads(world_size: int) -> None:
+def limit_threads(world_size: int) -> None:
     """The `deepspeed` launcher leaves OMP_NUM_THREADS unset; share the cores between ranks
     instead of letting every rank use all of them (many times slower on small machines)."""
     if "OMP_NUM_THREADS" not in os.environ and not torch.cuda.is_available():
@@ -89,7 +89,7 @@ def start_run(cfg: Config) -> tuple[ProcessInfo, Topology]:
     and write the resolved config into the run directory (rank 0)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     layout = plan_layout(cfg.parallel, cfg.backbone, world_size)
-    _limit_threads(world_size)
+    limit_threads(world_size)
     info = init_distributed()
     topology = Topology(layout)
     if info.rank == 0:
@@ -113,7 +113,7 @@ def _continue_from_init(path: str, job: TrainingJob) -> int:
     return int(state["step"])
 
 
-def _write_rank_stats(run_dir: str, rank: int) -> None:
+def write_rank_stats(run_dir: str, rank: int) -> None:
     """ranks/rank_N.json: this rank's peak host memory (and device memory on GPU)."""
     import resource
 
@@ -182,7 +182,7 @@ def run_loop(cfg: Config, job: TrainingJob, info: ProcessInfo, resume: bool, sho
         tracker.finish()
         if metrics:
             metrics.close()
-    _write_rank_stats(run_dir, info.rank)
+    write_rank_stats(run_dir, info.rank)
     return RunResult(
         run_dir=run_dir,
         first_loss=losses[0] if losses else float("nan"),

@@ -1,0 +1,340 @@
+"""Image input for tokenizer training: webdataset shards, image folders, or synthetic scenes.
+
+Shapes: B batch, S image side; images are float32 [B, 3, S, S] in [-1, 1] (SigLIP's
+normalisation: mean 0.5, std 0.5 per channel).
+
+Every source becomes a map-style index of records, so a loader position is two integers
+(epoch, batch) and a resumed run reads exactly the batches an uninterrupted one would:
+
+- webdataset shards (`.tar` files, or directories of them): members grouped by key (the name
+  up to the first dot of the basename); an image member (jpg/jpeg/png/webp) makes a sample, a
+  `.txt` (or a json "caption") its caption. Tars are read in place by member offset.
+- folders: image files found recursively (sorted), captions from sidecar `NAME.txt`.
+- synthetic: scenes rendered on the fly from (seed, index); no files.
+
+Images are resized (shorter side to S, bicubic) and center-cropped to S x S. An image that
+cannot be decoded is *corrupt*: by default it is skipped, counted and logged with its key (its
+batch is then short by one); with `on_corrupt="raise"` it stops the run with a ValueError.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import tarfile
+from dataclasses import dataclass
+from typing import Any, Iterator, NamedTuple, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from PIL import Image
+
+from megadual.config.schema import ImageDataConfig
+
+from .synthetic_images import synthetic_sample
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+
+
+# --------------------------------------------------------------------------- records
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """Where one sample's bytes live: a file, or a (tar, offset, size) member.
+
+    Attributes:
+        key: the sample's name in logs (shard path + key, or file path).
+        path: the image file, or the tar holding it.
+        offset, size: the member's data inside `path` (None for a plain file).
+        caption: the caption, when already known.
+        caption_member: (offset, size) of a `.txt` member to read lazily, or None.
+        caption_path: a sidecar `.txt` file, or None.
+    """
+
+    key: str
+    path: str
+    offset: Optional[int] = None
+    size: Optional[int] = None
+    caption_member: Optional[tuple[int, int]] = None
+    caption_path: Optional[str] = None
+
+
+def _split_name(name: str) -> tuple[str, str]:
+    """webdataset's convention: key = directory + basename up to its first dot; ext = the rest."""
+    directory, base = os.path.split(name)
+    stem, dot, ext = base.partition(".")
+    return os.path.join(directory, stem) if directory else stem, ext.lower() if dot else ""
+
+
+def _expand(paths: Sequence[str], suffixes: tuple[str, ...]) -> list[str]:
+    out = []
+    for p in paths:
+        if os.path.isdir(p):
+            for root, dirs, files in os.walk(p):
+                dirs.sort()
+                out.extend(os.path.join(root, f) for f in sorted(files) if f.lower().endswith(suffixes))
+        elif os.path.isfile(p):
+            out.append(p)
+        else:
+            raise FileNotFoundError(f"images.paths: {p!r} does not exist")
+    return out
+
+
+def index_shards(paths: Sequence[str]) -> list[ImageRecord]:
+    """Records of every image sample in the given tar shards (files or directories of *.tar).
+
+    Raises:
+        FileNotFoundError: a path does not exist.
+        ValueError: a shard is not a readable tar, or the paths hold no image sample.
+    """
+    records: list[ImageRecord] = []
+    for shard in _expand(paths, (".tar",)):
+        samples: dict[str, dict[str, tarfile.TarInfo]] = {}
+        order: list[str] = []
+        try:
+            with tarfile.open(shard, "r:") as tar:
+                for member in tar:
+                    if not member.isfile():
+                        continue
+                    key, ext = _split_name(member.name)
+                    if key not in samples:
+                        samples[key] = {}
+                        order.append(key)
+                    samples[key][ext] = member
+        except tarfile.TarError as exc:
+            raise ValueError(f"images.paths: {shard} is not a readable tar shard ({exc}); remove or rebuild it") from exc
+        for key in order:
+            parts = samples[key]
+            image = next((parts[e] for e in IMAGE_EXTENSIONS if e in parts), None)
+            if image is None:
+                continue
+            txt = parts.get("txt")
+            records.append(ImageRecord(
+                key=f"{shard}:{key}", path=shard, offset=image.offset_data, size=image.size,
+                caption_member=(txt.offset_data, txt.size) if txt is not None else None,
+            ))
+    if not records:
+        raise ValueError(f"images.paths: no image samples ({'/'.join(IMAGE_EXTENSIONS)}) in the shards under {list(paths)}")
+    return records
+
+
+def index_folder(paths: Sequence[str]) -> list[ImageRecord]:
+    """Records of every image file under `paths` (recursive, sorted), with sidecar captions.
+
+    Raises:
+        FileNotFoundError: a path does not exist.
+        ValueError: no image files were found.
+    """
+    records = []
+    for path in _expand(paths, tuple("." + e for e in IMAGE_EXTENSIONS)):
+        sidecar = os.path.splitext(path)[0] + ".txt"
+        records.append(ImageRecord(key=path, path=path, caption_path=sidecar if os.path.isfile(sidecar) else None))
+    if not records:
+        raise ValueError(f"images.paths: no image files ({'/'.join(IMAGE_EXTENSIONS)}) under {list(paths)}")
+    return records
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+def preprocess(image: Image.Image, size: int) -> torch.Tensor:
+    """Resize the shorter side to `size` (bicubic), center-crop, scale to [-1, 1].
+
+    Returns:
+        float32 [3, size, size].
+    """
+    image = image.convert("RGB")
+    w, h = image.size
+    scale = size / min(w, h)
+    if (w, h) != (size, size):
+        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+        image = image.resize((nw, nh), Image.BICUBIC)
+        left, top = (nw - size) // 2, (nh - size) // 2
+        image = image.crop((left, top, left + size, top + size))
+    array = np.asarray(image, dtype=np.uint8)
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] float [..., 3, H, W] -> uint8 [..., H, W, 3] (clamped), for saving or metrics."""
+    return images.detach().float().clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8).movedim(-3, -1)
+
+
+class CorruptSample(NamedTuple):
+    """A sample whose image could not be decoded."""
+
+    key: str
+    reason: str
+
+
+class ImageSample(NamedTuple):
+    image: torch.Tensor  # [3, S, S] float32 in [-1, 1]
+    caption: str
+    key: str
+
+
+def _read(path: str, offset: Optional[int], size: Optional[int]) -> bytes:
+    with open(path, "rb") as f:
+        if offset is None:
+            return f.read()
+        f.seek(offset)
+        return f.read(size)
+
+
+class RecordDataset(torch.utils.data.Dataset):
+    """Decodes records into `ImageSample`s, or `CorruptSample`s for unreadable images."""
+
+    def __init__(self, records: Sequence[ImageRecord], image_size: int):
+        self.records = list(records)
+        self.image_size = image_size
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> Union[ImageSample, CorruptSample]:
+        rec = self.records[i]
+        try:
+            with Image.open(io.BytesIO(_read(rec.path, rec.offset, rec.size))) as img:
+                img.load()  # decode now: a truncated file fails here, not later
+                tensor = preprocess(img, self.image_size)
+        except Exception as exc:  # noqa: BLE001 - any decoder failure makes the sample corrupt
+            return CorruptSample(rec.key, f"{type(exc).__name__}: {exc}")
+        caption = ""
+        if rec.caption_member is not None:
+            caption = _read(rec.path, *rec.caption_member).decode("utf-8", errors="replace").strip()
+        elif rec.caption_path is not None:
+            with open(rec.caption_path, encoding="utf-8", errors="replace") as f:
+                caption = f.read().strip()
+        return ImageSample(tensor, caption, rec.key)
+
+
+class SyntheticDataset(torch.utils.data.Dataset):
+    """The synthetic scenes (seed, 0..num-1) rendered at `image_size`."""
+
+    def __init__(self, seed: int, num: int, image_size: int):
+        self.seed, self.num, self.image_size = seed, num, image_size
+
+    def __len__(self) -> int:
+        return self.num
+
+    def __getitem__(self, i: int) -> ImageSample:
+        image, caption, _ = synthetic_sample(self.seed, i, self.image_size)
+        return ImageSample(preprocess(image, self.image_size), caption, f"synthetic:{self.seed}:{i}")
+
+
+def build_image_dataset(cfg: ImageDataConfig, image_size: int) -> torch.utils.data.Dataset:
+    """The dataset the `images` section describes, at `image_size` pixels."""
+    if cfg.source == "synthetic":
+        return SyntheticDataset(cfg.seed, cfg.num_samples, image_size)
+    records = index_shards(cfg.paths) if cfg.source == "webdataset" else index_folder(cfg.paths)
+    return RecordDataset(records, image_size)
+
+
+def _collate(items: list) -> dict[str, Any]:
+    good = [it for it in items if isinstance(it, ImageSample)]
+    bad = [it for it in items if isinstance(it, CorruptSample)]
+    return {
+        "images": torch.stack([it.image for it in good]) if good else None,
+        "captions": [it.caption for it in good],
+        "keys": [it.key for it in good],
+        "corrupt": [(it.key, it.reason) for it in bad],
+    }
+
+
+# --------------------------------------------------------------------------- the loader
+
+
+class ImageBatchLoader:
+    """Endless, resumable batches of one data-parallel rank's share of a dataset.
+
+    Each epoch is a permutation drawn from (seed, epoch), cut to a multiple of
+    world_size x batch_size; rank r takes every world_size-th index from r. So the ranks'
+    batches are disjoint and their union is what one process with world_size x batch_size
+    would read.
+
+    Args:
+        dataset: a map-style dataset of `ImageSample` / `CorruptSample`.
+        batch_size: images per batch on this rank (before corrupt ones are dropped).
+        rank, world_size: this rank's place in the data-parallel group.
+        seed: the shuffle seed.
+        shuffle: permute each epoch (else dataset order).
+        num_workers: DataLoader worker processes (0: decode here).
+        on_corrupt: "skip" (count and log) or "raise" (ValueError naming the key).
+
+    State (`state_dict`): epoch, batch position, and the corrupt count so far.
+    """
+
+    def __init__(self, dataset, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
+                 shuffle: bool = True, num_workers: int = 0, on_corrupt: str = "skip"):
+        per_epoch = len(dataset) // (batch_size * world_size)
+        if per_epoch < 1:
+            raise ValueError(
+                f"the image dataset has {len(dataset)} samples, fewer than one global batch "
+                f"({world_size} ranks x {batch_size}); add images or lower the micro batch size"
+            )
+        if on_corrupt not in ("skip", "raise"):
+            raise ValueError(f"on_corrupt: got {on_corrupt!r}, expected 'skip' or 'raise'")
+        self.dataset, self.batch_size = dataset, batch_size
+        self.rank, self.world_size, self.seed, self.shuffle = rank, world_size, seed, shuffle
+        self.num_workers, self.on_corrupt = num_workers, on_corrupt
+        self.batches_per_epoch = per_epoch
+        self.epoch, self.position, self.num_corrupt = 0, 0, 0
+        self._iter: Optional[Iterator] = None
+
+    def _epoch_batches(self, epoch: int) -> list[list[int]]:
+        n = len(self.dataset)
+        if self.shuffle:
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)).tolist()
+        else:
+            order = list(range(n))
+        mine = order[: self.batches_per_epoch * self.batch_size * self.world_size][self.rank :: self.world_size]
+        return [mine[i : i + self.batch_size] for i in range(0, len(mine), self.batch_size)]
+
+    def _start_epoch(self) -> None:
+        batches = self._epoch_batches(self.epoch)[self.position :]
+        if self.num_workers == 0:
+            self._iter = (_collate([self.dataset[i] for i in b]) for b in batches)
+        else:
+            loader = torch.utils.data.DataLoader(
+                self.dataset, batch_sampler=batches, num_workers=self.num_workers, collate_fn=_collate,
+                persistent_workers=False,
+            )
+            self._iter = iter(loader)
+
+    def __iter__(self) -> "ImageBatchLoader":
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        """The next batch with at least one decodable image: images [B, 3, S, S], captions, keys,
+        and `corrupt` [(key, reason)] of the images skipped in it."""
+        skipped: list[tuple[str, str]] = []
+        while True:
+            if self._iter is None:
+                self._start_epoch()
+            try:
+                batch = next(self._iter)
+            except StopIteration:
+                self.epoch, self.position, self._iter = self.epoch + 1, 0, None
+                continue
+            self.position += 1
+            for key, reason in batch["corrupt"]:
+                if self.on_corrupt == "raise":
+                    raise ValueError(f"corrupt image {key}: {reason} (set images.on_corrupt=skip to skip such images)")
+                self.num_corrupt += 1
+                logger.warning("skipping corrupt image %s: %s (%d skipped so far)", key, reason, self.num_corrupt)
+            skipped.extend(batch["corrupt"])
+            if batch["images"] is not None:
+                batch["corrupt"] = skipped
+                return batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position, "num_corrupt": self.num_corrupt}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.position, self.num_corrupt = state["epoch"], state["position"], state["num_corrupt"]
+        self._iter = None
+

@@ -1,0 +1,296 @@
+"""The DualToken visual tokenizer: one SigLIP tower, two residual-quantized branches.
+
+Shapes: B batch, H = W image side, T = g * g tokens (g = H // patch), C tower hidden size,
+D codebook dim, R residual depth, K codes.
+
+    images [B,3,H,W] -> tower taps
+        pixel features [B,T,C] -> proj_in -> RQ (pixel codebook) -> proj_out -> grid [B,C,g,g] -> decoder -> [B,3,H,W]
+        semantic features [B,T,C] -> proj_in -> RQ (semantic codebook) -> proj_out -> remaining tower layers,
+                                     post-layernorm, pooling head -> pooled [B,C]
+
+Public API (inference; the trainer uses `forward`):
+
+    tok = DualTokenizer.from_pretrained(dir)        # config.json + model.safetensors
+    pixel_codes, semantic_codes = tok.encode(images)    # int64 [B, T, R] each; images float [-1, 1]
+    images = tok.decode(pixel_codes)                     # float32 [B, 3, H, W] in [-1, 1]
+    pixel_emb, semantic_emb = tok.embed_codes(pixel_codes, semantic_codes)   # [B, T, D] code-space sums
+    tok.save_pretrained(dir)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+from typing import NamedTuple, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from megadual.config.loader import section_from_dict
+from megadual.config.schema import QuantizerConfig, TokenizerConfig
+
+from .decoder import PixelDecoder
+from .quantizer import ResidualQuantizer, RQUsage
+from .tower import SiglipTower, build_siglip
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+FORMAT = "megadual-dualtoken"
+FORMAT_VERSION = 1
+
+
+class BranchOutput(NamedTuple):
+    """One quantized branch's result.
+
+    Attributes:
+        features: [B, T, C] post-quant projection of the quantized vectors (straight-through grads).
+        codes: [B, T, R] int64.
+        commitment_loss: [] float32.
+        usage: RQUsage of this batch (over the data-parallel group when training).
+    """
+
+    features: torch.Tensor
+    codes: torch.Tensor
+    commitment_loss: torch.Tensor
+    usage: RQUsage
+
+
+class QuantizedBranch(nn.Module):
+    """Pre-quant projection C -> D, a ResidualQuantizer, post-quant projection D -> C.
+
+    The pre-quant projection starts with a LayerNorm: tower features carry a few large
+    outlier channels, and the codebook's EMA statistics are much better behaved on
+    normalised inputs.
+    """
+
+    def __init__(self, hidden_size: int, cfg: QuantizerConfig, dp_group: Optional[dist.ProcessGroup] = None,
+                 seed: int = 0):
+        super().__init__()
+        self.proj_in = nn.Sequential(nn.LayerNorm(hidden_size), nn.Linear(hidden_size, cfg.codebook_dim))
+        self.rq = ResidualQuantizer(
+            cfg.codebook_dim, cfg.codebook_size, cfg.depth, shared_codebook=cfg.shared_codebook, decay=cfg.decay,
+            dead_code_threshold=cfg.dead_code_threshold, dp_group=dp_group, seed=seed,
+        )
+        self.proj_out = nn.Linear(cfg.codebook_dim, hidden_size)
+
+    def forward(self, x: torch.Tensor) -> BranchOutput:
+        """Args: x [B, T, C]. Returns: BranchOutput (features [B, T, C], codes [B, T, R], ...)."""
+        out = self.rq(self.proj_in(x))
+        return BranchOutput(self.proj_out(out.quantized), out.codes.long(), out.commitment_loss, out.usage)
+
+    def code_vectors(self, codes: torch.Tensor, per_depth: bool = False) -> torch.Tensor:
+        """Codebook vectors of `codes`.
+
+        Args:
+            codes: [B, T, R] integer codes in [0, K).
+            per_depth: return every depth's vector instead of their sum.
+
+        Returns:
+            [B, T, D] (sum over depths: what the quantizer outputs) or [B, T, R, D].
+        """
+        rq = self.rq
+        if codes.shape[-1] != rq.depth:
+            raise ValueError(f"codes: last dim must be the residual depth {rq.depth}, got shape {list(codes.shape)}")
+        codes = codes.long()
+        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= rq.codebook_size):
+            raise ValueError(f"codes: values must lie in [0, {rq.codebook_size}), got [{int(codes.min())}, {int(codes.max())}]")
+        if rq.shared_codebook:
+            vectors = rq.codebook[codes]  # [B, T, R, D]
+        else:
+            depth_index = torch.arange(rq.depth, device=codes.device).expand_as(codes)
+            vectors = rq.codebook[depth_index, codes]  # [B, T, R, D]
+        return vectors if per_depth else vectors.sum(-2)
+
+
+class TokenizerOutput(NamedTuple):
+    """What `DualTokenizer.forward` returns (training).
+
+    Attributes:
+        reconstruction: [B, 3, H, W], unbounded decoder output.
+        pixel, semantic: the two branches' outputs.
+        pooled: [B, C] pooling head on the quantized semantic path.
+        semantic_unquantized: [B, T, C] the tower's own features at semantic_layer.
+        decoder_features: [B, ch, H, W] the decoder's last conv input (for the adaptive GAN weight).
+    """
+
+    reconstruction: torch.Tensor
+    pixel: BranchOutput
+    semantic: BranchOutput
+    pooled: torch.Tensor
+    semantic_unquantized: torch.Tensor
+    decoder_features: torch.Tensor
+
+
+@contextlib.contextmanager
+def _eval(*modules: nn.Module):
+    """Run in eval mode (no EMA update, no restart) and restore each module's mode after."""
+    modes = [m.training for m in modules]
+    try:
+        for m in modules:
+            m.eval()
+        yield
+    finally:
+        for m, mode in zip(modules, modes):
+            m.train(mode)
+
+
+class DualTokenizer(nn.Module):
+    """SigLIP tower + pixel and semantic RQ branches + pixel decoder.
+
+    Args:
+        cfg: the `tokenizer` config section.
+        dp_group: data-parallel group the codebook statistics are all-reduced over (None: local).
+        seed: seeds the random tower (when cfg.tower.hf_path is None), the heads and the
+            quantizers' restart generators.
+        tower: an already built transformers SiglipVisionModel to use instead of building one.
+    """
+
+    def __init__(self, cfg: TokenizerConfig, dp_group: Optional[dist.ProcessGroup] = None, seed: int = 0,
+                 tower=None):
+        super().__init__()
+        self.cfg = cfg
+        model = tower if tower is not None else build_siglip(cfg.tower, seed)
+        self.tower = SiglipTower(model, cfg.tower)
+        hidden = self.tower.hidden_size
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed + 1)
+            self.pixel_branch = QuantizedBranch(hidden, cfg.pixel_quantizer, dp_group, seed=seed + 2)
+            self.semantic_branch = QuantizedBranch(hidden, cfg.semantic_quantizer, dp_group, seed=seed + 3)
+            self.decoder = PixelDecoder(hidden, cfg.decoder)
+        self.grid_size = cfg.tower.grid_size
+
+    @property
+    def image_size(self) -> int:
+        return self.cfg.tower.image_size
+
+    def _check_images(self, images: torch.Tensor) -> None:
+        s = self.image_size
+        if images.dim() != 4 or images.shape[1] != 3 or images.shape[-1] != s or images.shape[-2] != s:
+            raise ValueError(f"images: expected [B, 3, {s}, {s}] in [-1, 1], got shape {list(images.shape)}")
+
+    def _grid(self, features: torch.Tensor) -> torch.Tensor:
+        b, t, c = features.shape
+        g = self.grid_size
+        return features.transpose(1, 2).reshape(b, c, g, g)  # [B, T, C] -> [B, C, g, g]
+
+    def forward(self, images: torch.Tensor) -> TokenizerOutput:
+        """The full training pass: both branches, the decoder and the semantic tail.
+
+        Args:
+            images: [B, 3, H, W] float in [-1, 1].
+        """
+        self._check_images(images)
+        taps = self.tower.taps(images)
+        pixel = self.pixel_branch(taps.pixel)
+        semantic = self.semantic_branch(taps.semantic)
+        decoder_features = self.decoder.features(self._grid(pixel.features))
+        reconstruction = self.decoder.conv_out(decoder_features)
+        _, pooled = self.tower.tail(semantic.features)
+        return TokenizerOutput(reconstruction, pixel, semantic, pooled, taps.semantic, decoder_features)
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images to codes (no codebook update, whatever the module's mode).
+
+        Args:
+            images: [B, 3, H, W] float in [-1, 1].
+
+        Returns:
+            (pixel_codes, semantic_codes), each int64 [B, T, R] (T = grid^2, row-major).
+        """
+        self._check_images(images)
+        with _eval(self):
+            taps = self.tower.taps(images.to(self.decoder.conv_out.weight.dtype))
+            return self.pixel_branch(taps.pixel).codes, self.semantic_branch(taps.semantic).codes
+
+    @torch.no_grad()
+    def decode(self, pixel_codes: torch.Tensor) -> torch.Tensor:
+        """Pixel codes to images.
+
+        Args:
+            pixel_codes: [B, T, R] integers in [0, K) with T = grid^2.
+
+        Returns:
+            float32 [B, 3, H, W] in [-1, 1] (clamped).
+        """
+        if pixel_codes.dim() != 3 or pixel_codes.shape[1] != self.grid_size**2:
+            raise ValueError(
+                f"pixel_codes: expected [B, {self.grid_size ** 2}, R], got shape {list(pixel_codes.shape)}"
+            )
+        with _eval(self):
+            features = self.pixel_branch.proj_out(self.pixel_branch.code_vectors(pixel_codes))
+            return self.decoder(self._grid(features)).float().clamp(-1, 1)
+
+    def embed_codes(self, pixel_codes: Optional[torch.Tensor] = None, semantic_codes: Optional[torch.Tensor] = None,
+                    per_depth: bool = False) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """Codebook embeddings of codes, for the MLLM's input projectors and depth heads.
+
+        Args:
+            pixel_codes, semantic_codes: [B, T, R] codes of each branch (either may be None).
+            per_depth: return [B, T, R, D] per-depth vectors instead of their sum [B, T, D].
+
+        Returns:
+            (pixel embeddings, semantic embeddings), None where no codes were given. The sum over
+            depths equals the branch's quantized vector (before the post-quant projection).
+        """
+        pix = None if pixel_codes is None else self.pixel_branch.code_vectors(pixel_codes, per_depth)
+        sem = None if semantic_codes is None else self.semantic_branch.code_vectors(semantic_codes, per_depth)
+        return pix, sem
+
+    # ----------------------------------------------------------------------------- persistence
+
+    def save_pretrained(self, directory: str) -> None:
+        """Write config.json (tokenizer section + the SigLIP config) and model.safetensors.
+
+        The quantizers' restart generators (non-tensor state) are not saved: a pretrained
+        tokenizer is for inference; training checkpoints keep them.
+        """
+        from safetensors.torch import save_file
+
+        os.makedirs(directory, exist_ok=True)
+        tokenizer_cfg = dataclasses.asdict(self.cfg)
+        tokenizer_cfg["tower"]["hf_path"] = None  # the weights are in model.safetensors now
+        config = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "tokenizer": tokenizer_cfg,
+            "siglip": self.tower.model.config.to_dict(),
+        }
+        with open(os.path.join(directory, CONFIG_NAME), "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=1, sort_keys=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items() if isinstance(v, torch.Tensor)}
+        save_file(state, os.path.join(directory, WEIGHTS_NAME), metadata={"format": FORMAT})
+
+    @classmethod
+    def from_pretrained(cls, directory: str, dp_group: Optional[dist.ProcessGroup] = None,
+                        map_location: str | torch.device = "cpu") -> "DualTokenizer":
+        """Load a directory written by `save_pretrained` (eval mode).
+
+        Raises:
+            FileNotFoundError: config.json or model.safetensors is missing.
+            ValueError: not a MegaDual DualTokenizer directory, or the weights do not fit the config.
+        """
+        from safetensors.torch import load_file
+        from transformers import SiglipVisionConfig, SiglipVisionModel
+
+        config_path, weights_path = os.path.join(directory, CONFIG_NAME), os.path.join(directory, WEIGHTS_NAME)
+        for path in (config_path, weights_path):
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"{path} is missing: is {directory!r} a directory written by save_pretrained?")
+        with open(config_path, encoding="utf-8") as f:
+            config = json.load(f)
+        if config.get("format") != FORMAT:
+            raise ValueError(f"{config_path}: format {config.get('format')!r}, expected {FORMAT!r}")
+        cfg = section_from_dict(TokenizerConfig, config["tokenizer"], "tokenizer")
+        siglip = SiglipVisionConfig(**{k: v for k, v in config["siglip"].items() if k != "model_type"})
+        siglip._attn_implementation = cfg.tower.attn_impl
+        model = cls(cfg, dp_group=dp_group, tower=SiglipVisionModel(siglip).float())
+        state = load_file(weights_path, device=str(map_location))
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.endswith("_extra_state")]
+        if missing or unexpected:
+            raise ValueError(f"{weights_path} does not fit its config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        return model.eval()

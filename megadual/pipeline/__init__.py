@@ -1,0 +1,1 @@
+"""Offline data pipelines that run trained models over raw data (token pre-extraction)."""

@@ -1,0 +1,328 @@
+"""Stage-1 training of the DualToken tokenizer (`megadual train-tokenizer`).
+
+Shapes: B micro-batch per rank, images [B, 3, H, W] in [-1, 1].
+
+Runs as a plain `python` process (a world of one) or on N data-parallel ranks under
+`deepspeed` / `torchrun`. Two DeepSpeed engines share the process: the generator (the
+`DualTokenizer`: tower, both quantized branches, pixel decoder; AdamW from `optim`) and the
+PatchGAN discriminator (Adam from `tokenizer.discriminator`); ZeRO 0-2 for both. The frozen
+teacher tower and LPIPS sit outside the engines. EMA codebooks are buffers updated in the
+forward with statistics all-reduced over the data-parallel group, so they stay identical on
+every rank. bf16 is autocast (weights, codebooks and optimizer state stay fp32).
+
+Writes into `run.out_dir` (rank 0 unless said):
+    config.yaml            the resolved config
+    metrics.jsonl          one JSON object per optimizer step (all losses, PSNR, codebook usage
+                           and perplexity per branch, lr, corrupt-image count, timings)
+    images/                every `image_every` steps: step_N_recon.png, step_N_usage.png
+    checkpoints/step_N/    DeepSpeed checkpoints (generator here, discriminator/ inside), `latest`
+    tokenizer/             the final `DualTokenizer.save_pretrained` export
+    ranks/rank_R.json      every rank: peak memory and a digest of its codebooks
+    wandb/                 when tokenizer_train.wandb_project is set (WANDB_MODE, default offline)
+
+`resume=True` continues from checkpoints/latest: models, both optimizers, LR schedule, codebooks
+and their restart generators, loader position and corrupt count, so the metrics continue as an
+uninterrupted run's would. The teacher is rebuilt (it is a deterministic function of the config
+and seed: the initial tower).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from megadual.config import Config, config_to_dict, dump_config
+from megadual.data.images import ImageBatchLoader, build_image_dataset
+from megadual.distributed.deepspeed_config import deep_merge
+from megadual.distributed.runtime import init_distributed
+from megadual.losses import hinge_d_loss
+from megadual.losses.perceptual import PerceptualLoss
+from megadual.models.vision.discriminator import PatchDiscriminator
+from megadual.models.vision.tokenizer import DualTokenizer
+from megadual.models.vision.tower import frozen_copy
+
+from .engine import param_groups
+from .loop import limit_threads, write_rank_stats, latest_step, step_tag
+from .schedule import lr_at
+from .tokenizer_loss import generator_loss
+from .visualize import save_codebook_usage, save_reconstruction_grid
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINTS = "checkpoints"
+DISCRIMINATOR_TAG = "discriminator"
+_QUIET = 10**9
+
+
+@dataclass
+class TokenizerRunResult:
+    """What a finished run reports (figures of this invocation; records as in metrics.jsonl)."""
+
+    run_dir: str
+    steps_run: int
+    first: dict[str, Any] = field(default_factory=dict)
+    last: dict[str, Any] = field(default_factory=dict)
+
+
+def _ds_config(cfg: Config, dp: int, optimizer: dict[str, Any]) -> dict[str, Any]:
+    t = cfg.tokenizer_train
+    ds = {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.grad_accum,
+        "train_batch_size": t.micro_batch_size * t.grad_accum * dp,
+        "gradient_clipping": float(cfg.optim.grad_clip),  # DeepSpeed's default is 1.0, not off
+        "optimizer": optimizer,
+        "zero_optimization": {"stage": t.zero_stage},
+        # bf16 is autocast: DeepSpeed's bf16 mode would cast the codebook buffers too.
+        "bf16": {"enabled": False},
+        "fp16": {"enabled": False},
+        "steps_per_print": _QUIET,
+        "wall_clock_breakdown": False,
+    }
+    return deep_merge(ds, cfg.deepspeed)
+
+
+def _codebook_digest(model: DualTokenizer) -> dict[str, str]:
+    """sha256 of each branch's codebook state (codebook, counts, sums): equal on every rank."""
+    out = {}
+    for name in ("pixel_branch", "semantic_branch"):
+        rq = getattr(model, name).rq
+        h = hashlib.sha256()
+        for buf in (rq.codebook, rq.cluster_size, rq.embed_sum):
+            h.update(buf.detach().float().cpu().contiguous().numpy().tobytes())
+        out[name] = h.hexdigest()
+    return out
+
+
+class _Wandb:
+    """wandb on rank 0 when a project is configured; offline unless WANDB_MODE says otherwise."""
+
+    def __init__(self, cfg: Config, run_dir: str, enabled: bool):
+        self.run = None
+        project = cfg.tokenizer_train.wandb_project
+        if enabled and project:
+            import wandb
+
+            os.environ.setdefault("WANDB_MODE", "offline")
+            self.run = wandb.init(project=project, dir=run_dir, config=config_to_dict(cfg),
+                                  name=os.path.basename(os.path.abspath(run_dir)))
+
+    def log(self, record: dict[str, Any]) -> None:
+        if self.run is not None:
+            self.run.log(record, step=record["step"])
+
+    def finish(self) -> None:
+        if self.run is not None:
+            self.run.finish()
+
+
+def train_tokenizer(cfg: Config, resume: bool = False, show_progress: bool = True) -> TokenizerRunResult:
+    """Train the DualToken tokenizer as the config says, on the launched data-parallel world.
+
+    Args:
+        cfg: root config with `tokenizer`, `tokenizer_train` and `images` sections (`optim` is
+            the generator's optimizer; `run` the output directory and seed).
+        resume: continue from the latest checkpoint in `run.out_dir` if there is one.
+        show_progress: a tqdm bar on rank 0.
+
+    Returns:
+        The run directory, the number of steps this invocation ran and its first/last records.
+    """
+    cfg.require("tokenizer", "tokenizer_train", "images", command="train-tokenizer")
+    tcfg, lcfg = cfg.tokenizer_train, cfg.tokenizer.loss
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    limit_threads(world_size)
+    info = init_distributed()
+    dp, rank, device = info.world_size, info.rank, info.device
+    dp_group = dist.group.WORLD if dp > 1 else None
+    is_writer = rank == 0
+    run_dir = cfg.run.out_dir
+    if is_writer:
+        os.makedirs(run_dir, exist_ok=True)
+        dump_config(cfg, os.path.join(run_dir, "config.yaml"))
+
+    seed = cfg.run.seed
+    model = DualTokenizer(cfg.tokenizer, dp_group=dp_group, seed=seed)
+    model.tower.gradient_checkpointing = tcfg.gradient_checkpointing
+    teacher = frozen_copy(model.tower).to(device)  # the initial tower, before any checkpoint is loaded
+    dcfg = cfg.tokenizer.discriminator
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 100)
+        discriminator = PatchDiscriminator(dcfg.base_channels, dcfg.num_layers)
+        perceptual = (PerceptualLoss(lcfg.lpips_net, lcfg.lpips_backbone_path).to(device)
+                      if lcfg.lpips_weight > 0 else None)
+
+    o = cfg.optim
+    gen_engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        model_parameters=param_groups(model, o.weight_decay),
+        config=_ds_config(cfg, dp, {"type": "AdamW", "params": {
+            "lr": o.lr, "betas": list(o.betas), "eps": o.eps, "weight_decay": o.weight_decay, "torch_adam": True}}),
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: lr_at(s, o, tcfg.steps) / o.lr),
+    )
+    disc_engine, _, _, _ = deepspeed.initialize(
+        model=discriminator,
+        model_parameters=[p for p in discriminator.parameters()],
+        config=_ds_config(cfg, dp, {"type": "Adam", "params": {
+            "lr": dcfg.lr, "betas": list(dcfg.betas), "eps": o.eps, "weight_decay": 0.0, "torch_adam": True}}),
+    )
+
+    dataset = build_image_dataset(cfg.images, cfg.tokenizer.tower.image_size)
+    loader = ImageBatchLoader(dataset, tcfg.micro_batch_size, rank=rank, world_size=dp, seed=seed,
+                              shuffle=cfg.images.shuffle, num_workers=cfg.images.num_workers,
+                              on_corrupt=cfg.images.on_corrupt)
+
+    root = os.path.join(run_dir, CHECKPOINTS)
+    start_step = 0
+    if resume and latest_step(run_dir) is not None:
+        _, client = gen_engine.load_checkpoint(root)
+        tag = step_tag(client["step"])
+        disc_engine.load_checkpoint(os.path.join(root, tag), tag=DISCRIMINATOR_TAG)
+        loader.load_state_dict(client["loader"][rank])
+        start_step = client["step"]
+        logger.info("resumed from %s at step %d", os.path.join(root, tag), start_step)
+
+    def save(step: int) -> None:
+        states = [None] * dp
+        dist.all_gather_object(states, loader.state_dict())
+        # Discriminator first: the generator's save writes `latest`, which must name complete checkpoints.
+        disc_engine.save_checkpoint(os.path.join(root, step_tag(step)), tag=DISCRIMINATOR_TAG, save_latest=False)
+        gen_engine.save_checkpoint(root, tag=step_tag(step), client_state={"step": step, "loader": states})
+
+    autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16) if tcfg.dtype == "bf16"
+                else contextlib.nullcontext())
+    module: DualTokenizer = gen_engine.module
+    disc_module = disc_engine.module
+
+    def fake_logits(images: torch.Tensor) -> torch.Tensor:
+        # The discriminator as a constant function of its weights: the generator's backward
+        # must not leave gradients in the discriminator engine.
+        params = {k: v.detach() for k, v in disc_module.named_parameters()}
+        return torch.func.functional_call(disc_module, params, (images,))
+
+    total = tcfg.steps
+    metrics_file = open(os.path.join(run_dir, "metrics.jsonl"), "a", encoding="utf-8") if is_writer else None
+    tracker = _Wandb(cfg, run_dir, is_writer)
+    progress = tqdm(total=total, initial=start_step, desc="train-tokenizer", unit="step",
+                    disable=not (show_progress and is_writer))
+    first: dict[str, Any] = {}
+    record: dict[str, Any] = {}
+    gen_engine.train()
+    disc_engine.train()
+    try:
+        for step in range(start_step, total):
+            started = time.perf_counter()
+            lr = gen_engine.get_lr()[0]
+            gan_on = step >= dcfg.start_step and lcfg.gan_weight > 0
+            sums: dict[str, torch.Tensor] = {}
+            num_images = torch.zeros((), dtype=torch.float64)
+            for _ in range(tcfg.grad_accum):
+                batch = next(loader)
+                images = batch["images"].to(device)
+                num_images += images.shape[0]
+                with autocast:
+                    out = gen_engine(images)
+                    with torch.no_grad():
+                        t_sem, t_pool = teacher(images)
+                    loss, parts = generator_loss(out, images, t_sem, t_pool, lcfg, module.decoder, perceptual,
+                                                 fake_logits if gan_on else None)
+                gen_engine.backward(loss)
+                gen_engine.step()
+                if gan_on:
+                    with autocast:
+                        d_loss = hinge_d_loss(disc_engine(images), disc_engine(out.reconstruction.detach().float()))
+                    disc_engine.backward(d_loss)
+                    disc_engine.step()
+                    parts["gan_d"] = d_loss.detach()
+                else:
+                    parts["gan_d"] = torch.zeros((), device=device)
+                for k, v in parts.items():
+                    sums[k] = sums.get(k, 0.0) + v.float() / tcfg.grad_accum
+            names = sorted(sums)
+            # One all-reduce for every scalar: means over ranks, the corrupt count summed.
+            packed = torch.stack([sums[k] for k in names] + [torch.tensor(float(loader.num_corrupt), device=device),
+                                                               num_images.float().to(device)])
+            if dp > 1:
+                dist.all_reduce(packed)
+            values = packed.tolist()
+            record = {"step": step + 1, **{k: values[i] / dp for i, k in enumerate(names)}}
+            record["corrupt_images"] = int(values[-2])
+            record["images"] = int(values[-1])
+            for branch, rq_out in (("pixel", out.pixel), ("semantic", out.semantic)):
+                # Usage of the step's last micro-batch, over the data-parallel group.
+                record[f"usage_{branch}"] = float(rq_out.usage.fraction_used.float().mean())
+                record[f"perplexity_{branch}"] = float(rq_out.usage.perplexity.float().mean())
+            record["lr"] = lr
+            norm = gen_engine.get_global_grad_norm()
+            record["grad_norm"] = None if norm is None else float(norm)
+            record["step_time"] = time.perf_counter() - started
+            if not first:
+                first = dict(record)
+            if is_writer:
+                metrics_file.write(json.dumps(record) + "\n")
+                tracker.log(record)
+                if (step + 1) % cfg.run.log_every == 0 or step + 1 == total:
+                    metrics_file.flush()
+                    progress.set_postfix(loss=f"{record['loss']:.3f}", psnr=f"{record['psnr']:.1f}",
+                                         use_p=f"{record['usage_pixel']:.2f}", use_s=f"{record['usage_semantic']:.2f}")
+                if tcfg.image_every and ((step + 1) % tcfg.image_every == 0 or step + 1 == total):
+                    _save_pictures(run_dir, step + 1, images, out.reconstruction, module)
+            progress.update(1)
+            if tcfg.save_every and (step + 1) % tcfg.save_every == 0 and step + 1 < total:
+                save(step + 1)
+        if start_step < total:
+            save(total)
+    finally:
+        progress.close()
+        tracker.finish()
+        if metrics_file:
+            metrics_file.close()
+    if is_writer and start_step < total:
+        module.save_pretrained(os.path.join(run_dir, "tokenizer"))
+    write_rank_stats(run_dir, rank)
+    _write_codebook_digest(run_dir, rank, module)
+    return TokenizerRunResult(run_dir=run_dir, steps_run=total - start_step, first=first, last=record)
+
+
+def _save_pictures(run_dir: str, step: int, images: torch.Tensor, reconstructions: torch.Tensor,
+                   model: DualTokenizer) -> None:
+    scale = max(1, 128 // images.shape[-1])  # tiny debug images are enlarged to be seen
+    folder = os.path.join(run_dir, "images")
+    save_reconstruction_grid(images, reconstructions, os.path.join(folder, f"step_{step:06d}_recon.png"), scale=scale)
+    save_codebook_usage(
+        {"pixel": model.pixel_branch.rq.cluster_size, "semantic": model.semantic_branch.rq.cluster_size},
+        os.path.join(folder, f"step_{step:06d}_usage.png"), title=f"step {step}",
+    )
+
+
+def _write_codebook_digest(run_dir: str, rank: int, model: DualTokenizer) -> None:
+    """ranks/rank_R_codebooks.json: sha256 of this rank's codebook buffers (identical across ranks)."""
+    os.makedirs(os.path.join(run_dir, "ranks"), exist_ok=True)
+    with open(os.path.join(run_dir, "ranks", f"rank_{rank}_codebooks.json"), "w", encoding="utf-8") as f:
+        json.dump(_codebook_digest(model), f)
+
+
+def main(args) -> int:
+    """`megadual train-tokenizer`: parsed --config/--set and --resume."""
+    from megadual.config import config_from_args
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    result = train_tokenizer(config_from_args(args), resume=args.resume)
+    if int(os.environ.get("RANK", "0")) == 0 and result.steps_run:
+        f, l = result.first, result.last
+        print(f"trained {result.steps_run} steps in {result.run_dir}: loss {f['loss']:.4f} -> {l['loss']:.4f}, "
+              f"PSNR {f['psnr']:.2f} -> {l['psnr']:.2f} dB, usage pixel {l['usage_pixel']:.0%} "
+              f"semantic {l['usage_semantic']:.0%}, semantic cos {l['semantic_cos']:.3f}")
+    return 0

@@ -1,0 +1,210 @@
+"""Token extraction (`megadual extract`): one output per input sample, codes that decode to the
+tokenizer's own reconstruction, byte-identical resume after SIGKILL, corrupt inputs listed,
+and a 2-rank run equal to a 1-rank one.
+
+Legend: B batch, T visual positions (8x8 in the debug tokenizer), R residual depth.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from megadual.config import load_config
+from megadual.data.images import preprocess
+from megadual.data.synthetic_images import write_synthetic_shards
+from megadual.data.text_tokenizers import BytesTextTokenizer
+from megadual.data.token_shards import decode_sample, read_manifest
+from megadual.models.vision.tokenizer import DualTokenizer
+from megadual.pipeline import extract as extract_mod
+from megadual.pipeline.extract import ExtractOptions, directory_sha256, extract_tokens
+from tests._dist import run_distributed
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+DEBUG_CONFIG = os.path.join(REPO, "configs", "debug", "tokenizer.yaml")
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory) -> str:
+    torch.manual_seed(0)
+    cfg = load_config(DEBUG_CONFIG)
+    directory = str(tmp_path_factory.mktemp("tok"))
+    DualTokenizer(cfg.tokenizer, seed=0).save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def raw_dir(tmp_path_factory) -> str:
+    """36 synthetic images at 40 px (resized to the tokenizer's 32) in 3 shards of 12."""
+    directory = str(tmp_path_factory.mktemp("raw"))
+    write_synthetic_shards(directory, num=36, size=40, seed=3, shard_size=12)
+    return directory
+
+
+def _opts(raw, out, tok, **kw) -> ExtractOptions:
+    return ExtractOptions(inputs=[raw], out=out, tokenizer=tok, batch_size=kw.pop("batch_size", 5),
+                          num_workers=kw.pop("num_workers", 0), show_progress=False, **kw)
+
+
+def _read_all(out: str) -> dict[str, object]:
+    """source_key -> TokenSample over every shard the manifest lists."""
+    manifest = read_manifest(out)
+    samples = {}
+    for entry in manifest.shards:
+        with tarfile.open(os.path.join(out, entry.name)) as tf:
+            groups: dict[str, dict[str, bytes]] = {}
+            for m in tf:
+                key, _, field = m.name.partition(".")
+                groups.setdefault(key, {})[field] = tf.extractfile(m).read()
+        assert len(groups) == entry.num_samples
+        for key, files in groups.items():
+            s = decode_sample(files, entry.name, key, manifest)
+            assert s.source_key not in samples, f"{s.source_key} extracted twice"
+            samples[s.source_key] = s
+    return samples
+
+
+def _tar_bytes(out: str) -> dict[str, bytes]:
+    files = sorted(f for f in os.listdir(out) if f.endswith(".tar") or f == "manifest.json")
+    return {f: open(os.path.join(out, f), "rb").read() for f in files}
+
+
+def _raw_samples(raw: str) -> dict[str, tuple[bytes, str]]:
+    """source_key -> (png bytes, caption) read straight from the input tars."""
+    out = {}
+    for name in sorted(os.listdir(raw)):
+        if name.endswith(".tar"):
+            with tarfile.open(os.path.join(raw, name)) as tf:
+                files = {m.name: tf.extractfile(m).read() for m in tf}
+            for member, data in files.items():
+                if member.endswith(".png"):
+                    key = member[: -len(".png")]
+                    out[f"{name}:{key}"] = (data, files[key + ".txt"].decode())
+    return out
+
+
+def test_every_sample_once_and_codes_decode_to_reconstruction(tmp_path, tokenizer_dir, raw_dir):
+    out = str(tmp_path / "tok")
+    manifest = extract_tokens(_opts(raw_dir, out, tokenizer_dir, num_workers=1))
+    raw = _raw_samples(raw_dir)
+    got = _read_all(out)
+    assert sorted(got) == sorted(raw) and manifest.num_samples == len(raw) == 36
+    assert manifest.skipped == [] and manifest.tokenizer_checkpoint_sha256 == directory_sha256(tokenizer_dir)
+    assert manifest.text_tokenizer == "bytes" and (manifest.num_positions, manifest.depth) == (64, 2)
+
+    tok = DualTokenizer.from_pretrained(tokenizer_dir)
+    keys = sorted(raw)
+    from PIL import Image
+
+    images = torch.stack([preprocess(Image.open(io.BytesIO(raw[k][0])), tok.image_size) for k in keys])
+    pixel, semantic = tok.encode(images)  # [B, T, R]
+    stored_pixel = torch.from_numpy(np.stack([got[k].pixel_codes for k in keys]).astype(np.int64))
+    stored_semantic = torch.from_numpy(np.stack([got[k].semantic_codes for k in keys]).astype(np.int64))
+    assert torch.equal(stored_pixel, pixel) and torch.equal(stored_semantic, semantic)
+    # decode(stored codes) is the tokenizer's own reconstruction decode(encode(x)). Same codes,
+    # other batch composition: allow float reassociation in the batched convs.
+    torch.testing.assert_close(tok.decode(stored_pixel), tok.decode(pixel), rtol=0, atol=1e-5)
+    text = BytesTextTokenizer()
+    for k in keys:
+        assert got[k].caption == raw[k][1] and got[k].text_ids.tolist() == text.encode(raw[k][1])
+        assert got[k].image_size == (40, 40)
+
+
+def _write_tar(path: str, members: dict[str, bytes]) -> None:
+    with tarfile.open(path, "w") as tf:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+
+
+def test_corrupt_inputs_are_skipped_and_listed(tmp_path, tokenizer_dir, raw_dir):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    good = open(os.path.join(raw_dir, "shapes-000000.tar"), "rb").read()
+    (raw / "a-good.tar").write_bytes(good)
+    png = _raw_samples(raw_dir)["shapes-000000.tar:00000000"][0]
+    _write_tar(str(raw / "b-mixed.tar"), {"ok.png": png, "ok.txt": b"fine", "bad.png": b"not a png at all",
+                                          "bad.txt": b"broken", "cut.png": png[: len(png) // 2], "cut.txt": b"half"})
+    (raw / "c-garbage.tar").write_bytes(b"\x00garbage" * 100)
+    out = str(tmp_path / "tok")
+    manifest = extract_tokens(_opts(str(raw), out, tokenizer_dir))
+    got = _read_all(out)
+    assert manifest.num_samples == 13 and "b-mixed.tar:ok" in got
+    listed = {(s["source"], s.get("key")) for s in manifest.skipped}
+    assert listed == {("b-mixed.tar", "b-mixed.tar:bad"), ("b-mixed.tar", "b-mixed.tar:cut"), ("c-garbage.tar", None)}
+    assert all(s["reason"] for s in manifest.skipped)
+    with pytest.raises(ValueError, match="unusable input c-garbage.tar.*on-corrupt skip"):
+        extract_tokens(_opts(str(raw), str(tmp_path / "strict"), tokenizer_dir, on_corrupt="raise"))
+
+
+def test_sigkill_and_rerun_gives_identical_shards(tmp_path, tokenizer_dir):
+    raw = str(tmp_path / "raw")
+    write_synthetic_shards(raw, num=160, size=32, seed=5, shard_size=16)  # 10 input shards
+    reference = str(tmp_path / "ref")
+    extract_tokens(_opts(raw, reference, tokenizer_dir, batch_size=1))
+
+    out = str(tmp_path / "killed")
+    cmd = [sys.executable, os.path.join(REPO, "tools", "extract_tokens.py"), "--input", raw, "--out", out,
+           "--tokenizer", tokenizer_dir, "--batch-size", "1", "--num-workers", "0", "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    first = os.path.join(out, ".parts", "tokens-000000.json")
+    deadline = time.monotonic() + 60
+    while not os.path.exists(first) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed mid-way"
+    done = sorted(os.listdir(os.path.join(out, ".parts")))
+    assert 1 <= len([d for d in done if d.endswith(".json")]) < 10 and not os.path.exists(os.path.join(out, "manifest.json"))
+
+    rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert _tar_bytes(out) == _tar_bytes(reference)
+    assert not [f for f in os.listdir(out) if ".tmp-" in f]
+
+
+def _two_rank_body(rank, world_size, raw, out, tok):
+    torch.set_num_threads(1)
+    finished = []
+    original = extract_mod._finish_shard
+
+    def spy(out_dir, i, *args):
+        finished.append(i)
+        return original(out_dir, i, *args)
+
+    extract_mod._finish_shard = spy  # this forked rank only
+    manifest = extract_tokens(_opts(raw, out, tok))
+    return finished, manifest is not None
+
+
+def test_two_ranks_split_shards_and_match_one_rank(tmp_path, tokenizer_dir, raw_dir):
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    extract_tokens(_opts(raw_dir, one, tokenizer_dir))
+    results = run_distributed(_two_rank_body, world_size=2, timeout=90, args=(raw_dir, two, tokenizer_dir))
+    assert results == [([0, 2], True), ([1], False)]  # shard i belongs to rank i % 2; rank 0 writes the manifest
+    assert _tar_bytes(two) == _tar_bytes(one)
+
+
+def test_rerun_restores_missing_manifest_and_rejects_other_tokenizer(tmp_path, tokenizer_dir, raw_dir):
+    out = str(tmp_path / "tok")
+    extract_tokens(_opts(raw_dir, out, tokenizer_dir))
+    before = _tar_bytes(out)
+    os.unlink(os.path.join(out, "manifest.json"))
+    extract_tokens(_opts(raw_dir, out, tokenizer_dir))
+    assert _tar_bytes(out) == before
+    other = str(tmp_path / "other-tok")
+    cfg = load_config(DEBUG_CONFIG)
+    DualTokenizer(cfg.tokenizer, seed=1).save_pretrained(other)
+    with pytest.raises(ValueError, match="tokenizer_checkpoint_sha256.*new --out"):
+        extract_tokens(_opts(raw_dir, out, other))
