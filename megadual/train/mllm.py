@@ -16,6 +16,7 @@ import logging
 import os
 from dataclasses import asdict
 
+import deepspeed
 import torch
 
 from megadual.config import Config
@@ -47,17 +48,47 @@ def check_mllm_config(cfg: Config) -> None:
         )
 
 
+def tokenizer_code_tables(cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pixel and semantic codebooks [K, C] of `mllm.tokenizer_path`, checked against the
+    mllm section (codebook sizes, depth, positions per image, code width).
+
+    Raises:
+        ConfigError: no tokenizer path, or a size that differs from the tokenizer's.
+    """
+    from megadual.models.vision.tokenizer import DualTokenizer
+
+    m = cfg.mllm
+    if not m.tokenizer_path:
+        raise ConfigError("mllm.tokenizer_path", None, "a DualToken tokenizer directory when mllm.code_init='tokenizer'")
+    tok = DualTokenizer.from_pretrained(m.tokenizer_path)
+    expected = {
+        "mllm.pixel_codebook_size": (m.pixel_codebook_size, tok.cfg.pixel_quantizer.codebook_size),
+        "mllm.semantic_codebook_size": (m.semantic_codebook_size, tok.cfg.semantic_quantizer.codebook_size),
+        "mllm.depth": (m.depth, tok.cfg.pixel_quantizer.depth),
+        "mllm.num_positions": (m.num_positions, tok.grid_size**2),
+        "mllm.code_embed_dim": (m.code_embed_dim, tok.cfg.pixel_quantizer.codebook_dim),
+    }
+    for key, (ours, theirs) in expected.items():
+        if ours != theirs:
+            raise ConfigError(key, ours, f"{theirs}, as in the tokenizer at {m.tokenizer_path}")
+    tables = []
+    for branch in (tok.pixel_branch, tok.semantic_branch):
+        codebook = branch.rq.codebook.detach().float()
+        if not branch.rq.shared_codebook:
+            raise ConfigError("mllm.code_init", "tokenizer", "'learned' for a tokenizer with one codebook per depth")
+        tables.append(codebook)
+    return tables[0], tables[1]
+
+
 def build_mllm_engine(cfg: Config, topology: Topology):
     """The unified model (initialised, parts frozen per stage) inside a DeepSpeed engine:
     a `PipelineModule` with the heads on the last stage when pp > 1."""
-    if cfg.mllm.code_init == "tokenizer":
-        raise ConfigError("mllm.code_init", "tokenizer", "'learned' until the tokenizer's codebooks can be read here")
     ds_config = build_deepspeed_config(cfg, topology.layout)
     if topology.layout.pp > 1:
-        if cfg.mllm.trainable_stage != "all" or cfg.train.init_from:
+        if cfg.mllm.trainable_stage != "all" or cfg.train.init_from or cfg.mllm.code_init != "learned":
             raise ConfigError("parallel.pp", topology.layout.pp,
-                              "1 when mllm.trainable_stage is not 'all' or train.init_from is set (pipeline stages "
-                              "do not yet freeze parts or load init checkpoints)")
+                              "1 when mllm.trainable_stage is not 'all', train.init_from is set or mllm.code_init is "
+                              "'tokenizer' (pipeline stages do not yet freeze parts or load initial weights)")
         module = build_mllm_pipeline_module(
             cfg.backbone, cfg.mllm, topology, seed=cfg.run.seed,
             activation_checkpoint_interval=1 if cfg.train.activation_checkpointing else 0,
@@ -68,6 +99,12 @@ def build_mllm_engine(cfg: Config, topology: Topology):
     model.lm.backbone.activation_checkpointing = cfg.train.activation_checkpointing
     if cfg.train.init_from:
         load_init_weights(model.lm, cfg, topology)
+    if cfg.mllm.code_init == "tokenizer":
+        pixel_table, semantic_table = tokenizer_code_tables(cfg)
+        # Under ZeRO-3 the tables are partitioned placeholders: gather, write on the first rank, re-partition.
+        with deepspeed.zero.GatheredParameters(list(model.visual_embed.parameters()), modifier_rank=0,
+                                               enabled=cfg.parallel.zero_stage == 3):
+            model.init_code_embeddings_(pixel_table, semantic_table)
     trainable = apply_trainable_stage(model, cfg.mllm.trainable_stage)
     logger.info("trainable parameters per part (stage %s): %s", cfg.mllm.trainable_stage, trainable)
     return initialize_engine(cfg, model, ds_config, topology.mpu())

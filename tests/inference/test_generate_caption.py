@@ -34,9 +34,26 @@ def run_dir(tmp_path_factory):
     DualTokenizer(tok_cfg.tokenizer, seed=0).save_pretrained(str(root / "tokenizer"))
     write_scene_token_shards(str(root / "tokens"), num_samples=64)
     overrides = [f"run.out_dir={root / 'run'}", f"loader.paths=[{root / 'tokens'}]", "train.steps=2",
-                 f"mllm.tokenizer_path={root / 'tokenizer'}"]
+                 f"mllm.tokenizer_path={root / 'tokenizer'}", "mllm.code_init=tokenizer"]
     run_distributed(_train, world_size=1, timeout=300, args=(overrides,))
     return str(root / "run")
+
+
+def test_code_tables_start_from_the_tokenizer(run_dir):
+    loaded = load_for_inference(run_dir)
+    for table, branch in ((loaded.model.visual_embed.pixel.codebook, loaded.visual.pixel_branch),
+                          (loaded.model.visual_embed.semantic.codebook, loaded.visual.semantic_branch)):
+        # Two warm-up steps (lr <= 3e-4) move an entry by well under 1e-2; a fresh table is ~N(0, 0.02).
+        assert (table - branch.rq.codebook).abs().max() < 1e-2
+
+
+def test_code_tables_must_match_the_tokenizer(run_dir):
+    from megadual.config.errors import ConfigError
+    from megadual.train.mllm import tokenizer_code_tables
+
+    cfg = load_config(os.path.join(run_dir, "config.yaml"), ["mllm.depth=3"])
+    with pytest.raises(ConfigError, match="mllm.depth: got 3, expected 2"):
+        tokenizer_code_tables(cfg)
 
 
 def test_generate_images(run_dir):

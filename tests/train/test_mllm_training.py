@@ -112,3 +112,24 @@ def test_bad_combination_is_refused_before_process_groups(tmp_path, shards):
     with pytest.raises(ValueError, match="loader.batch_size"):
         train_mllm(_config(tmp_path, shards, "loader.batch_size=3"), show_progress=False)
     assert not torch.distributed.is_initialized()
+
+
+def _train_resume(rank, world_size, run_dir, shards, overrides):
+    train_mllm(_config(run_dir, shards, *overrides), resume=True, show_progress=False)
+
+
+def test_resume_continues_the_same_losses(tmp_path, shards):
+    """Save at step 3 of 6, lose everything after it, resume: steps 4-6 (all loss parts) repeat exactly."""
+    import shutil
+
+    overrides = ["train.steps=6", "train.save_every=3"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run_distributed(_train, world_size=1, timeout=300, args=(str(straight), shards, overrides))
+    expected = _records(straight)
+    shutil.copytree(straight / "checkpoints" / "step_000003", resumed / "checkpoints" / "step_000003")
+    (resumed / "checkpoints" / "latest").write_text("step_000003")
+    run_distributed(_train_resume, world_size=1, timeout=300, args=(str(resumed), shards, overrides))
+    got = _records(resumed)
+    keys = ("loss", "text_loss", "visual_loss", "pixel_loss", "semantic_loss", "grad_norm")
+    assert [r["step"] for r in got] == [4, 5, 6]
+    assert [[r[k] for k in keys] for r in got] == [[r[k] for k in keys] for r in expected[3:]]
