@@ -133,3 +133,21 @@ def test_resume_continues_the_same_losses(tmp_path, shards):
     keys = ("loss", "text_loss", "visual_loss", "pixel_loss", "semantic_loss", "grad_norm")
     assert [r["step"] for r in got] == [4, 5, 6]
     assert [[r[k] for k in keys] for r in got] == [[r[k] for k in keys] for r in expected[3:]]
+
+
+def test_zero3_code_tables_start_from_the_tokenizer(tmp_path, shards):
+    """Under ZeRO-3 the tables are partitioned when the tokenizer's codebooks are copied in:
+    after one warm-up step (lr 1.5e-4) the consolidated tables are still the tokenizer's."""
+    from megadual.models.vision.tokenizer import DualTokenizer
+    from megadual.train.checkpoint import load_model_state
+
+    tok_cfg = load_config(os.path.join(os.path.dirname(MLLM_CONFIG), "tokenizer.yaml"))
+    tokenizer = DualTokenizer(tok_cfg.tokenizer, seed=0)
+    tokenizer.save_pretrained(str(tmp_path / "tokenizer"))
+    overrides = ["parallel.zero_stage=3", "train.steps=1", "mllm.code_init=tokenizer",
+                 f"mllm.tokenizer_path={tmp_path / 'tokenizer'}"]
+    run_distributed(_train, world_size=2, timeout=300, args=(str(tmp_path / "run"), shards, overrides))
+    state = load_model_state(str(tmp_path / "run"))
+    for name, branch in (("pixel", tokenizer.pixel_branch), ("semantic", tokenizer.semantic_branch)):
+        table = state[f"visual_embed.{name}.codebook"]
+        assert (table - branch.rq.codebook).abs().max() < 1e-2, name
