@@ -115,18 +115,31 @@ def build_pipeline_module(
         loss_fn: (logits [B, T, V/p], labels [B, T]) -> scalar loss, run on the last stage.
         activation_checkpoint_interval: recompute every N layers in backward (0: off).
     """
-    layout, group = topology.layout, topology.tp_group
+    group = topology.tp_group
     if cfg.tie_embeddings:
-        first = TiedLayerSpec("embed", EmbeddingStage, cfg, group, seed, tied_weight_attr=["embed_tokens.weight"])
-        last = TiedLayerSpec(
-            "embed", EmbeddingStage, cfg, group, seed, forward_fn=_tied_head_forward,
-            tied_weight_attr=["embed_tokens.weight"],
-        )
+        first, last = tied_embedding_specs(cfg, group, seed, _tied_head_forward)
     else:
         first = LayerSpec(EmbeddingStage, cfg, group, seed)
         last = LayerSpec(HeadStage, cfg, group, seed)
     layers = [first, *[LayerSpec(DecoderStage, cfg, group, seed, i) for i in range(cfg.num_layers)],
               LayerSpec(FinalNormStage, cfg), last]
+    return split_into_stages(layers, topology, loss_fn, activation_checkpoint_interval)
+
+
+def tied_embedding_specs(cfg: BackboneConfig, group: ProcessGroup, seed: Optional[int],
+                         head_forward: Callable) -> tuple[TiedLayerSpec, TiedLayerSpec]:
+    """The embedding as the first layer and, through `head_forward`, as the last stage's text head:
+    DeepSpeed keeps one weight on both stages and sums its gradients."""
+    first = TiedLayerSpec("embed", EmbeddingStage, cfg, group, seed, tied_weight_attr=["embed_tokens.weight"])
+    last = TiedLayerSpec("embed", EmbeddingStage, cfg, group, seed, forward_fn=head_forward,
+                         tied_weight_attr=["embed_tokens.weight"])
+    return first, last
+
+
+def split_into_stages(layers: list, topology: Topology, loss_fn: Callable,
+                      activation_checkpoint_interval: int) -> PipelineModule:
+    """DeepSpeed's PipelineModule over `layers`, balancing decoder layers across the stages."""
+    layout = topology.layout
     return PipelineModule(
         layers=layers,
         topology=PipeModelDataParallelTopology(num_pp=layout.pp, num_mp=layout.tp, num_dp=layout.dp),

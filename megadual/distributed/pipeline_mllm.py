@@ -19,13 +19,19 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
-from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+from deepspeed.pipe import LayerSpec, PipelineModule
 from torch import nn
 
 from megadual.config.schema import BackboneConfig, MLLMConfig
 from megadual.distributed.comm import ProcessGroup
-from megadual.distributed.pipeline import DecoderStage, EmbeddingStage, FinalNormStage, HeadStage
+from megadual.distributed.pipeline import (
+    DecoderStage,
+    EmbeddingStage,
+    FinalNormStage,
+    HeadStage,
+    split_into_stages,
+    tied_embedding_specs,
+)
 from megadual.distributed.topology import Topology
 from megadual.models.heads import DepthHead
 from megadual.models.mllm import compute_losses
@@ -98,9 +104,7 @@ def build_mllm_pipeline_module(backbone: BackboneConfig, mllm: MLLMConfig, topol
     """The unified model split into `topology.layout.pp` stages by DeepSpeed."""
     layout, group = topology.layout, topology.tp_group
     if backbone.tie_embeddings:
-        first = TiedLayerSpec("embed", EmbeddingStage, backbone, group, seed, tied_weight_attr=["embed_tokens.weight"])
-        text_head = TiedLayerSpec("embed", EmbeddingStage, backbone, group, seed, forward_fn=_pass_hidden,
-                                  tied_weight_attr=["embed_tokens.weight"])
+        first, text_head = tied_embedding_specs(backbone, group, seed, _pass_hidden)
     else:
         first = LayerSpec(EmbeddingStage, backbone, group, seed)
         text_head = LayerSpec(_PassHead, backbone, group, seed)
@@ -108,14 +112,7 @@ def build_mllm_pipeline_module(backbone: BackboneConfig, mllm: MLLMConfig, topol
               *[LayerSpec(DecoderStage, backbone, group, seed, i) for i in range(backbone.num_layers)],
               LayerSpec(FinalNormStage, backbone), text_head, LayerSpec(DepthHeadsStage, backbone, mllm, seed)]
     loss = MLLMPipelineLoss(mllm, group)
-    module = PipelineModule(
-        layers=layers,
-        topology=PipeModelDataParallelTopology(num_pp=layout.pp, num_mp=layout.tp, num_dp=layout.dp),
-        loss_fn=loss,
-        partition_method="type:DecoderStage",
-        activation_checkpoint_interval=activation_checkpoint_interval,
-        checkpointable_layers=["DecoderStage"],
-    )
+    module = split_into_stages(layers, topology, loss, activation_checkpoint_interval)
     if topology.pp_rank == layout.pp - 1:
         local = list(module.forward_funcs)
         loss.heads = next(f for f in local if isinstance(f, DepthHeadsStage))

@@ -56,6 +56,7 @@ from .engine import param_groups
 from .loop import limit_threads, write_rank_stats, latest_step, step_tag
 from .schedule import lr_at
 from .tokenizer_loss import generator_loss
+from .tracking import WandbTracker
 from .visualize import save_codebook_usage, save_reconstruction_grid
 
 logger = logging.getLogger(__name__)
@@ -103,28 +104,6 @@ def _codebook_digest(model: DualTokenizer) -> dict[str, str]:
             h.update(buf.detach().float().cpu().contiguous().numpy().tobytes())
         out[name] = h.hexdigest()
     return out
-
-
-class _Wandb:
-    """wandb on rank 0 when a project is configured; offline unless WANDB_MODE says otherwise."""
-
-    def __init__(self, cfg: Config, run_dir: str, enabled: bool):
-        self.run = None
-        project = cfg.tokenizer_train.wandb_project
-        if enabled and project:
-            import wandb
-
-            os.environ.setdefault("WANDB_MODE", "offline")
-            self.run = wandb.init(project=project, dir=run_dir, config=config_to_dict(cfg),
-                                  name=os.path.basename(os.path.abspath(run_dir)))
-
-    def log(self, record: dict[str, Any]) -> None:
-        if self.run is not None:
-            self.run.log(record, step=record["step"])
-
-    def finish(self) -> None:
-        if self.run is not None:
-            self.run.finish()
 
 
 def train_tokenizer(cfg: Config, resume: bool = False, show_progress: bool = True) -> TokenizerRunResult:
@@ -214,7 +193,7 @@ def train_tokenizer(cfg: Config, resume: bool = False, show_progress: bool = Tru
 
     total = tcfg.steps
     metrics_file = open(os.path.join(run_dir, "metrics.jsonl"), "a", encoding="utf-8") if is_writer else None
-    tracker = _Wandb(cfg, run_dir, is_writer)
+    tracker = WandbTracker(cfg.tokenizer_train.wandb_project, run_dir, config_to_dict(cfg), enabled=is_writer)
     progress = tqdm(total=total, initial=start_step, desc="train-tokenizer", unit="step",
                     disable=not (show_progress and is_writer))
     first: dict[str, Any] = {}
