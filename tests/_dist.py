@@ -320,7 +320,9 @@ def _dump_stacks(procs, ranks: list[int], workdir: str) -> str:
         except OSError:
             text = ""
         if text:
-            parts.append(f"\n--- stack of rank {r} at the timeout ---\n{text[-_MAX_STACK_CHARS:]}")
+            # faulthandler prints the most recent call first, so the head is the part that says
+            # where the rank hangs; the tail is pytest's and multiprocessing's frames.
+            parts.append(f"\n--- stack of rank {r} at the timeout ---\n{text[:_MAX_STACK_CHARS]}")
     return "".join(parts)
 
 
