@@ -172,11 +172,6 @@ def _add_caption_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/demo", help="run directory (default: runs/demo)")
-    parser.add_argument(
-        "--config", default="configs/debug/lm.yaml", help="backbone LM config (default: configs/debug/lm.yaml)"
-    )
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value (parsed as YAML)")
     parser.add_argument("--quick", action="store_true", help="a short smoke version of every stage")
     parser.add_argument("--force", action="store_true", help="redo finished stages instead of reusing them")
 

@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 from typing import Optional, Sequence
 
 from megadual.distributed.runtime import free_port
@@ -44,17 +45,37 @@ def launch_env() -> dict[str, str]:
     return env
 
 
-def run_deepspeed(num_procs: int, megadual_args: Sequence[str], timeout: float, log_path: Optional[str] = None) -> None:
-    """Run a launch to completion; its output goes to `log_path` (or is inherited).
+def run_deepspeed(num_procs: int, megadual_args: Sequence[str], timeout: float, log_path: Optional[str] = None,
+                  echo: bool = False) -> None:
+    """Run a launch to completion (see `run_command`)."""
+    run_command(deepspeed_command(num_procs, megadual_args), timeout, log_path, echo)
+
+
+def megadual_command(megadual_args: Sequence[str]) -> list[str]:
+    """`python -m megadual ARGS...` with this interpreter: one process, no launcher."""
+    return [sys.executable, "-m", "megadual", *megadual_args]
+
+
+def run_command(cmd: Sequence[str], timeout: float, log_path: Optional[str] = None, echo: bool = False) -> None:
+    """Run `cmd` to completion; its output goes to `log_path` (or is inherited).
+
+    Args:
+        echo: with a log, also copy the output to this process's stderr as it comes
+            (progress bars stay visible while the log keeps everything).
 
     Raises:
-        RuntimeError: the launch failed or ran past `timeout` seconds (then it is killed).
+        RuntimeError: the command failed or ran past `timeout` seconds (then it is killed).
     """
-    cmd = deepspeed_command(num_procs, megadual_args)
-    log = open(log_path, "w", encoding="utf-8") if log_path else None
+    cmd = list(cmd)
+    log = open(log_path, "wb") if log_path else None
     # Own session: on timeout the whole tree (launcher and every rank) is killed together.
-    proc = subprocess.Popen(cmd, env=launch_env(), stdout=log, stderr=subprocess.STDOUT if log else None,
-                            start_new_session=True)
+    proc = subprocess.Popen(cmd, env=launch_env(), stdout=subprocess.PIPE if log else None,
+                            stderr=subprocess.STDOUT if log else None, start_new_session=True)
+    pump = None
+    if log:
+        pump = threading.Thread(target=_copy_output, args=(proc.stdout, log, sys.stderr.buffer if echo else None),
+                                daemon=True)
+        pump.start()
     try:
         returncode = proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired as exc:
@@ -62,7 +83,8 @@ def run_deepspeed(num_procs: int, megadual_args: Sequence[str], timeout: float, 
         proc.wait()
         raise RuntimeError(f"`{' '.join(cmd)}` ran past {timeout:.0f} s; see {log_path or 'its output'}") from exc
     finally:
-        if log:
+        if pump:
+            pump.join()
             log.close()
     if returncode != 0:
         tail = ""
@@ -70,3 +92,14 @@ def run_deepspeed(num_procs: int, megadual_args: Sequence[str], timeout: float, 
             with open(log_path, encoding="utf-8", errors="replace") as f:
                 tail = "".join(f.readlines()[-20:])
         raise RuntimeError(f"`{' '.join(cmd)}` exited with {returncode}\n{tail}")
+
+
+def _copy_output(source, log, echo) -> None:
+    """Copy a child's output to its log (and to `echo`) until it closes."""
+    # read1: whatever is there now, so a progress bar's carriage-return updates pass at once.
+    while chunk := source.read1(65536):
+        log.write(chunk)
+        if echo is not None:
+            echo.write(chunk)
+            echo.flush()
+    source.close()

@@ -30,7 +30,7 @@ from typing import Optional
 
 from PIL import Image, ImageDraw
 
-from .scenes import COLOURS, POSITIONS, Scene, describe, sample_scene
+from .scenes import COLOURS, POSITIONS, SHAPES, Scene, describe, sample_scene
 
 logger = logging.getLogger(__name__)
 
@@ -105,19 +105,33 @@ def render_scene(scene: Scene, size: int, seed: int = 0, index: int = 0) -> Imag
     rng.random(), rng.random()  # the two jitter draws of shape_center
     big = size * SUPERSAMPLE
     image = _background(big, COLOURS[scene.background], rng)
-    draw = ImageDraw.Draw(image)
-    fill = COLOURS[scene.colour]
-    cx, cy, r = cx * SUPERSAMPLE, cy * SUPERSAMPLE, SIZE_RADIUS[scene.size] * big
-    if scene.shape == "circle":
+    draw_shape(ImageDraw.Draw(image), scene.shape, cx * SUPERSAMPLE, cy * SUPERSAMPLE,
+               SIZE_RADIUS[scene.size] * big, COLOURS[scene.colour])
+    return image.resize((size, size), Image.BOX)
+
+
+def draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, fill) -> None:
+    """Draw `shape` centred at (cx, cy) with half-extent `r` (pixels of `draw`'s image)."""
+    if shape == "circle":
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
-    elif scene.shape == "square":
+    elif shape == "square":
         h = r * 0.85  # same visual weight as the circle
         draw.rectangle([cx - h, cy - h, cx + h, cy + h], fill=fill)
     else:
-        polygon = _shape_polygon(scene.shape, cx, cy, r)
-        assert polygon is not None, scene.shape
+        polygon = _shape_polygon(shape, cx, cy, r)
+        if polygon is None:
+            raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
         draw.polygon(polygon, fill=fill)
-    return image.resize((size, size), Image.BOX)
+
+
+def shape_coverage(shape: str, size: int, cx: float, cy: float, r: float) -> Image.Image:
+    """The fraction of each pixel `shape` covers, as `render_scene` anti-aliases it ("L", 0-255).
+
+    (cx, cy) and r are in pixels of the `size` x `size` image.
+    """
+    big = Image.new("L", (size * SUPERSAMPLE, size * SUPERSAMPLE), 0)
+    draw_shape(ImageDraw.Draw(big), shape, cx * SUPERSAMPLE, cy * SUPERSAMPLE, r * SUPERSAMPLE, 255)
+    return big.resize((size, size), Image.BOX)
 
 
 def synthetic_sample(seed: int, index: int, size: int) -> tuple[Image.Image, str, dict]:

@@ -1,0 +1,226 @@
+"""The embedded end-to-end run: every stage of MegaDual on CPU, each as a user would run it.
+
+1. data: `synth-data` renders the training scenes and a held-out set (another seed);
+2. tokenizer: `train-tokenizer` on 2 data-parallel ranks started by the `deepspeed` launcher;
+3. tokens: `extract` encodes the training images into token shards with that tokenizer;
+4. mllm: `train` trains the unified model on the token shards, 2 ranks from the `deepspeed`
+   launcher (data parallel, ZeRO-1), its code tables initialised from the tokenizer;
+5. hf: `convert to-hf` turns the training checkpoint into a Hugging Face directory;
+6. evaluate: from that directory alone, generate an image per held-out caption and caption
+   every held-out image; judge both against the held-out labels (`evaluate.py`);
+7. report.md with the figures and PNGs (`report.py`).
+
+Stages 1-6 are reused on rerun when finished with the same inputs (`stages.py`); the report is
+always rewritten.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from megadual.data.synthetic_images import write_synthetic_shards
+from megadual.inference.mllm import load_for_inference, to_pil
+from megadual.launch import megadual_command, run_command, run_deepspeed
+from megadual.models.vision.tokenizer import DualTokenizer
+from megadual.train.tracking import plot_losses
+
+from .evaluate import judge_captions, judge_generation, load_held_out, reader_accuracy, reconstruction_quality
+from .report import save_judged_grid, write_report
+from .stages import StageRecord, StageRunner
+
+logger = logging.getLogger(__name__)
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TOKENIZER_CONFIG = "configs/demo/tokenizer.yaml"
+MLLM_CONFIG = "configs/demo/mllm.yaml"
+RANKS = 2
+MLLM_LAYOUT = ("parallel.tp=1", "parallel.pp=1", "parallel.zero_stage=1")  # 2 data-parallel ranks
+HELD_OUT_SEED = 1  # the training scenes use seed 0
+STAGE_TIMEOUT_S = 3600
+
+
+@dataclass(frozen=True)
+class DemoPlan:
+    """Stage sizes: the full run (under 15 minutes on 2 cores) or the --quick smoke run."""
+
+    train_images: int
+    held_out_images: int
+    tokenizer_steps: int
+    mllm_steps: int
+
+
+FULL = DemoPlan(train_images=4096, held_out_images=128, tokenizer_steps=500, mllm_steps=1500)
+QUICK = DemoPlan(train_images=256, held_out_images=12, tokenizer_steps=20, mllm_steps=20)
+
+
+def repo_path(path: str) -> str:
+    """A path inside the repository, wherever the demo is started from."""
+    return os.path.join(REPO_ROOT, path)
+
+
+def _metrics(run_dir: str) -> list[dict]:
+    with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as f:
+        records = [json.loads(line) for line in f]
+    return list({r["step"]: r for r in records}.values())  # a resumed run appends: keep each step's last
+
+
+def _mean(records: list[dict], key: str) -> float:
+    # A step can lack a part (no text token in its batch): its value is None.
+    values = [r[key] for r in records if r.get(key) is not None]
+    return statistics.fmean(values) if values else float("nan")
+
+
+def _settings(*overrides: str) -> list[str]:
+    return [a for o in overrides for a in ("--set", o)]
+
+
+def make_data(out: str, plan: DemoPlan) -> dict:
+    started = time.perf_counter()
+    write_synthetic_shards(os.path.join(out, "train"), plan.train_images, size=32, seed=0, show_progress=True)
+    write_synthetic_shards(os.path.join(out, "held_out"), plan.held_out_images, size=32, seed=HELD_OUT_SEED)
+    seconds = time.perf_counter() - started
+    total = plan.train_images + plan.held_out_images
+    return {"images": total, "images_per_s": total / seconds}
+
+
+def train_tokenizer(out: str, data: StageRecord, plan: DemoPlan) -> dict:
+    args = ["train-tokenizer", "--config", repo_path(TOKENIZER_CONFIG), *_settings(
+        f"run.out_dir={out}", f"images.paths=[{os.path.join(data.directory, 'train')}]",
+        f"tokenizer_train.steps={plan.tokenizer_steps}")]
+    run_deepspeed(RANKS, args, timeout=STAGE_TIMEOUT_S, log_path=os.path.join(out, "launch.log"), echo=True)
+    records = _metrics(out)
+    plot_losses(os.path.join(out, "metrics.jsonl"), os.path.join(out, "loss.png"), ("loss", "pixel_mse", "psnr"))
+    tail = records[-max(1, len(records) // 10):]
+    return {
+        "ranks": RANKS,
+        "steps": len(records),
+        "first_loss": records[0]["loss"],
+        "last_loss": _mean(tail, "loss"),
+        "train_psnr": _mean(tail, "psnr"),
+        "usage_pixel": records[-1]["usage_pixel"],
+        "usage_semantic": records[-1]["usage_semantic"],
+        "images_per_s": sum(r["images"] for r in records) / sum(r["step_time"] for r in records),
+    }
+
+
+def extract_tokens(out: str, data: StageRecord, tokenizer: StageRecord) -> dict:
+    started = time.perf_counter()
+    run_command(megadual_command([
+        "extract", "--input", os.path.join(data.directory, "train"), "--out", os.path.join(out, "tokens"),
+        "--tokenizer", os.path.join(tokenizer.directory, "tokenizer"), "--num-workers", "1"]),
+        timeout=STAGE_TIMEOUT_S, log_path=os.path.join(out, "extract.log"), echo=True)
+    seconds = time.perf_counter() - started
+    with open(os.path.join(out, "tokens", "manifest.json"), encoding="utf-8") as f:
+        manifest = json.load(f)
+    samples = manifest["num_samples"]
+    return {"samples": samples, "skipped": len(manifest.get("skipped", [])),
+            "images_per_s_with_startup": samples / seconds}
+
+
+def train_mllm(out: str, tokens: StageRecord, tokenizer: StageRecord, plan: DemoPlan) -> dict:
+    args = ["train", "--config", repo_path(MLLM_CONFIG), *_settings(
+        *MLLM_LAYOUT, f"run.out_dir={out}", f"loader.paths=[{os.path.join(tokens.directory, 'tokens')}]",
+        f"mllm.tokenizer_path={os.path.join(tokenizer.directory, 'tokenizer')}", "mllm.code_init=tokenizer",
+        f"train.steps={plan.mllm_steps}")]
+    run_deepspeed(RANKS, args, timeout=STAGE_TIMEOUT_S, log_path=os.path.join(out, "launch.log"), echo=True)
+    records = _metrics(out)
+    head, tail = records[: max(1, len(records) // 10)], records[-max(1, len(records) // 10):]
+    return {
+        "ranks": RANKS,
+        "layout": "data parallel x2, ZeRO-1",
+        "steps": len(records),
+        "first_loss": _mean(head, "loss"),
+        "last_loss": _mean(tail, "loss"),
+        "last_text_loss": _mean(tail, "text_loss"),
+        "last_visual_loss": _mean(tail, "visual_loss"),
+        "tokens_per_s": sum(r["tokens"] for r in records) / sum(r["step_time"] for r in records),
+    }
+
+
+def export_hf(out: str, mllm: StageRecord) -> dict:
+    hf = os.path.join(out, "hf")
+    run_command(megadual_command(["convert", "to-hf", "--src", mllm.directory, "--out", hf]),
+                timeout=STAGE_TIMEOUT_S, log_path=os.path.join(out, "convert.log"), echo=True)
+    files = sorted(os.path.relpath(os.path.join(d, f), hf) for d, _, fs in os.walk(hf) for f in fs)
+    return {"files": files, "bytes": sum(os.path.getsize(os.path.join(hf, f)) for f in files)}
+
+
+def evaluate(out: str, data: StageRecord, hf: StageRecord) -> dict:
+    torch.manual_seed(0)
+    held_out = load_held_out(os.path.join(data.directory, "held_out"))
+    loaded = load_for_inference(os.path.join(hf.directory, "hf"), device="cpu")
+
+    started = time.perf_counter()
+    recon = reconstruction_quality(loaded.visual, held_out.images)
+    recon_s = time.perf_counter() - started
+    save_judged_grid(list(zip(held_out.images, to_pil(recon.reconstructions))), None,
+                     os.path.join(out, "reconstructions.png"))
+
+    reader = reader_accuracy(held_out)
+    started = time.perf_counter()
+    generation, images = judge_generation(loaded, held_out)
+    generation_s = time.perf_counter() - started
+    save_judged_grid([(image,) for image in images], [j.correct for j in generation.items],
+                     os.path.join(out, "generations.png"))
+    started = time.perf_counter()
+    captions = judge_captions(loaded, held_out)
+    caption_s = time.perf_counter() - started
+
+    with open(os.path.join(out, "judged.json"), "w", encoding="utf-8") as f:
+        json.dump({"generation": [asdict(j) for j in generation.items],
+                   "captions": [asdict(j) for j in captions.items]}, f, indent=1)
+    n = len(held_out.images)
+    return {
+        "held_out": n,
+        "psnr": recon.psnr,
+        "ssim": recon.ssim,
+        "reader_accuracy": reader.accuracy,
+        "generation_accuracy": generation.accuracy,
+        "caption_accuracy": captions.accuracy,
+        "reconstruct_images_per_s": n / recon_s,
+        "generate_images_per_s": n / generation_s,
+        "caption_images_per_s": n / caption_s,
+        "caption_samples": [(j.expected["caption"], j.seen["caption"]) for j in captions.items[:8]],
+        "generation_samples": [(j.expected["caption"], j.seen, j.correct) for j in generation.items[:8]],
+    }
+
+
+def run_demo(out_dir: str, quick: bool = False, force: bool = False) -> dict:
+    """Run (or reuse) every stage, write OUT/report.md; returns the figures by stage name."""
+    started = time.perf_counter()
+    plan = QUICK if quick else FULL
+    os.makedirs(out_dir, exist_ok=True)
+    stages = StageRunner(out_dir, force=force)
+    tok_cfg, mllm_cfg = (open(repo_path(p), encoding="utf-8").read() for p in (TOKENIZER_CONFIG, MLLM_CONFIG))
+    data = stages.run("data", "synthetic shapes: training and held-out images", asdict(plan), [],
+                      lambda d: make_data(d, plan))
+    tokenizer = stages.run("tokenizer", f"DualToken tokenizer, {RANKS} ranks (deepspeed)",
+                           {"steps": plan.tokenizer_steps, "config": tok_cfg}, [data],
+                           lambda d: train_tokenizer(d, data, plan))
+    tokens = stages.run("tokens", "offline token extraction", {}, [data, tokenizer],
+                        lambda d: extract_tokens(d, data, tokenizer))
+    mllm = stages.run("mllm", f"unified model, {RANKS} ranks (deepspeed)",
+                      {"steps": plan.mllm_steps, "config": mllm_cfg, "layout": MLLM_LAYOUT}, [tokens, tokenizer],
+                      lambda d: train_mllm(d, tokens, tokenizer, plan))
+    hf = stages.run("hf", "conversion to Hugging Face format", {}, [mllm], lambda d: export_hf(d, mllm))
+    stages.run("evaluate", "held-out generation, captioning and reconstruction", {}, [data, hf],
+               lambda d: evaluate(d, data, hf))
+    report = write_report(out_dir, stages.records, quick, time.perf_counter() - started)
+    return {"report": report, **{r.name: r.figures for r in stages.records},
+            "reused": [r.name for r in stages.records if r.reused]}
+
+
+def main(args) -> int:
+    """`megadual demo`: run the embedded end-to-end job and print the report."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    figures = run_demo(args.out, quick=args.quick, force=args.force)
+    print(open(figures["report"], encoding="utf-8").read())
+    print(f"report: {figures['report']}")
+    return 0
