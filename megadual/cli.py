@@ -127,6 +127,10 @@ def _add_to_hf_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="cast the weights (default: keep)")
     parser.add_argument("--dry-run", action="store_true", help="list what would be written; write nothing")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    parser.add_argument("--visual-tokenizer", dest="visual_tokenizer",
+                        help="unified model: DualToken tokenizer dir (default: mllm.tokenizer_path)")
+    parser.add_argument("--text-tokenizer", dest="text_tokenizer",
+                        help="unified model: 'bytes' or a HF tokenizer dir (default: mllm.text_tokenizer)")
     parser.set_defaults(action="to-hf")
 
 
@@ -148,7 +152,7 @@ def _add_reshard_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_inference_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--ckpt", required=True, help="a stage-2 run directory (megadual train)")
+    parser.add_argument("--ckpt", required=True, help="a stage-2 run directory, or its `convert to-hf` export")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
 
@@ -235,7 +239,7 @@ COMMANDS: list[Command] = [
         "convert",
         "checkpoints to and from Hugging Face; reshard",
         subcommands=(
-            Command("to-hf", "any checkpoint -> a Hugging Face Qwen2 directory",
+            Command("to-hf", "any checkpoint -> a Hugging Face directory",
                     add_arguments=_add_to_hf_arguments, handler="megadual.convert.commands:main"),
             Command("from-hf", "a HF Qwen2 directory -> a MegaDual init checkpoint",
                     add_arguments=_add_from_hf_arguments, handler="megadual.convert.commands:main"),

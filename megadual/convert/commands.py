@@ -1,7 +1,9 @@
 """`megadual convert to-hf | from-hf | reshard`: the conversions, on one CPU process.
 
 Sources: a training run directory (DeepSpeed checkpoints of any layout, with its
-config.yaml) or a MegaDual init checkpoint (from-hf / reshard output). Every output is
+config.yaml) or a MegaDual init checkpoint (from-hf / reshard output). A `megadual train-lm`
+run becomes a plain Qwen2 directory; a `megadual train` run (unified model) becomes an export
+directory with its tokenizers (layout: megadual/models/mllm_export.py). Every output is
 written into a temporary directory and renamed into place when complete.
 """
 
@@ -16,26 +18,26 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
-from megadual.config.schema import BackboneConfig
-from megadual.models.qwen2 import Qwen2ForCausalLM, config_from_hf
+from megadual.models.hf_directory import TEXT_TOKENIZER_FILES, parse_size
+from megadual.models.mllm_export import export_tensors, write_mllm_export
+from megadual.models.qwen2 import config_from_hf
 from megadual.models.qwen2.hf_adapter import from_hf_key, iter_hf_tensors, read_hf_config, to_hf_key
 from megadual.train.init_checkpoint import is_init_checkpoint, open_init_checkpoint
 
 from .sharding import StateDict, merge_tensor_parallel, partition_dims, split_tensor_parallel
 from .training_checkpoint import (
+    CheckpointError,
+    CheckpointModel,
     TensorSource,
     check_against_config,
     open_training_checkpoint,
     training_checkpoint_source,
 )
-from .writers import parse_size, write_hf_backbone, write_init_checkpoint
+from .writers import write_hf_backbone, write_init_checkpoint
 
 logger = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-# Text tokenizer files copied next to the weights when the source has them.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
-                   "tokenizer.model", "generation_config.json")
 
 
 class _LazyRankFile:
@@ -58,9 +60,8 @@ class _LazyRankFile:
             return f.get_tensor(name)
 
 
-def _dims(cfg: BackboneConfig) -> dict[str, Optional[int]]:
-    with torch.device("meta"):
-        return partition_dims(Qwen2ForCausalLM(cfg))
+def _dims(model: CheckpointModel) -> dict[str, Optional[int]]:
+    return partition_dims(model.build_meta())
 
 
 def load_source(src: str, tag: Optional[str] = None) -> TensorSource:
@@ -75,7 +76,8 @@ def load_source(src: str, tag: Optional[str] = None) -> TensorSource:
     if is_init_checkpoint(src):
         ckpt = open_init_checkpoint(src)
         ranks = [_LazyRankFile(ckpt.rank_file(r)) for r in range(ckpt.tp)]
-        return TensorSource(ckpt.backbone, ranks, ckpt.trainer_state, f"init checkpoint {src} (tp={ckpt.tp})")
+        return TensorSource(CheckpointModel(ckpt.backbone), ranks, ckpt.trainer_state,
+                            f"init checkpoint {src} (tp={ckpt.tp})")
     ckpt = open_training_checkpoint(src, tag)
     return training_checkpoint_source(ckpt, _client_state(ckpt.path))
 
@@ -92,25 +94,53 @@ def _client_state(tag_dir: str) -> Optional[dict[str, Any]]:
 
 
 def to_hf(src: str, out: str, tag: Optional[str] = None, max_shard_size: str = "5GB", dtype: Optional[str] = None,
-          dry_run: bool = False, overwrite: bool = False) -> list[str]:
-    """Write `src` as a Hugging Face Qwen2 directory; returns the files (or, dry run, the plan)."""
+          dry_run: bool = False, overwrite: bool = False, visual_tokenizer: Optional[str] = None,
+          text_tokenizer: Optional[str] = None) -> list[str]:
+    """Write `src` as a Hugging Face directory; returns the files (or, dry run, the plan).
+
+    A backbone checkpoint becomes a plain Qwen2 directory (with any text tokenizer files
+    found in `src`); a unified-model run becomes an export (megadual/models/mllm_export.py)
+    with the run's tokenizers, unless `visual_tokenizer` / `text_tokenizer` name others
+    (a DualTokenizer directory; "bytes" or a Hugging Face tokenizer directory).
+    """
     source = load_source(src, tag)
     torch_dtype = DTYPES[dtype] if dtype else None
+    mllm = source.model.mllm
+    if mllm is None and (visual_tokenizer or text_tokenizer):
+        raise ValueError(f"{source.description} holds a backbone only: --visual-tokenizer / --text-tokenizer "
+                         "apply to unified-model (megadual train) runs")
     if dry_run:
         return _plan_hf(source, out, parse_size(max_shard_size), torch_dtype)
-    extra = {f: os.path.join(src, f) for f in TOKENIZER_FILES if os.path.isfile(os.path.join(src, f))}
     items = tqdm(source.items(), total=len(source.names()), desc="to-hf", unit="tensor", leave=False)
-    files = write_hf_backbone(items, source.backbone, out, parse_size(max_shard_size), torch_dtype, overwrite, extra)
+    if mllm is not None:
+        visual = _existing_dir(visual_tokenizer or mllm.tokenizer_path, "--visual-tokenizer", "mllm.tokenizer_path")
+        if visual is None:
+            logger.warning("%s names no visual tokenizer (mllm.tokenizer_path): the export cannot generate or "
+                           "caption until one is given (--visual-tokenizer DIR)", source.description)
+        files = write_mllm_export(items, source.backbone, mllm, out, visual, text_tokenizer or mllm.text_tokenizer,
+                                  parse_size(max_shard_size), torch_dtype, overwrite, source.description)
+    else:
+        extra = {f: os.path.join(src, f) for f in TEXT_TOKENIZER_FILES if os.path.isfile(os.path.join(src, f))}
+        files = write_hf_backbone(items, source.backbone, out, parse_size(max_shard_size), torch_dtype, overwrite, extra)
+        files = files + ["config.json", *extra]
     logger.info("wrote %s from %s", out, source.description)
-    return files + ["config.json", *extra]
+    return files
+
+
+def _existing_dir(path: Optional[str], option: str, key: str) -> Optional[str]:
+    if path is not None and not os.path.isdir(path):
+        raise FileNotFoundError(f"visual tokenizer directory {path!r} does not exist; pass {option} DIR "
+                                f"(the run's {key} is resolved against the current directory)")
+    return path
 
 
 def _plan_hf(source: TensorSource, out: str, max_shard_bytes: int, dtype: Optional[torch.dtype]) -> list[str]:
+    if source.model.mllm is not None:
+        named = export_tensors(source.items(), source.backbone)
+    else:
+        named = ((to_hf_key(n), t) for n, t in source.items())  # a tied head is not among the items
     lines, shard, shard_bytes = [f"{out}/config.json"], 1, 0
-    for name, tensor in source.items():
-        hf_name = to_hf_key(name)
-        if hf_name == "lm_head.weight" and source.backbone.tie_embeddings:
-            continue
+    for hf_name, tensor in named:
         size = tensor.numel() * (torch.empty((), dtype=dtype).element_size() if dtype else tensor.element_size())
         if shard_bytes and shard_bytes + size > max_shard_bytes:
             shard, shard_bytes = shard + 1, 0
@@ -126,7 +156,7 @@ def from_hf(hf_dir: str, out: str, tp: int, overwrite: bool = False) -> None:
     can start from the result.
     """
     backbone = config_from_hf(read_hf_config(hf_dir))
-    dims = _dims(backbone)
+    dims = _dims(CheckpointModel(backbone))
     shards: list[StateDict] = [{} for _ in range(tp)]
     for hf_name, tensor in tqdm(iter_hf_tensors(hf_dir), desc="from-hf", unit="tensor", leave=False):
         name = from_hf_key(hf_name)
@@ -145,7 +175,10 @@ def reshard(src: str, out: str, tp: int, tag: Optional[str] = None, overwrite: b
     """Rewrite `src` for `tp` tensor-parallel ranks (any pipeline degree), keeping the trainer's
     position so training continues at the same step; optimizer moments are not carried over."""
     source = load_source(src, tag)
-    shards = split_tensor_parallel(source.state_dict(), _dims(source.backbone), tp)
+    if source.model.mllm is not None:
+        raise CheckpointError(f"{source.description}: reshard writes backbone init checkpoints only; a unified-model "
+                              "run converts with `megadual convert to-hf`")
+    shards = split_tensor_parallel(source.state_dict(), _dims(source.model), tp)
     write_init_checkpoint(shards, source.backbone, out, trainer_state=source.trainer_state,
                           source=source.description, overwrite=overwrite)
 
@@ -154,7 +187,8 @@ def main(args) -> int:
     """`megadual convert ...` handler."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.action == "to-hf":
-        files = to_hf(args.src, args.out, args.tag, args.max_shard_size, args.dtype, args.dry_run, args.overwrite)
+        files = to_hf(args.src, args.out, args.tag, args.max_shard_size, args.dtype, args.dry_run, args.overwrite,
+                      args.visual_tokenizer, args.text_tokenizer)
         print("\n".join(files))
     elif args.action == "from-hf":
         from_hf(args.hf, args.out, args.tp, args.overwrite)

@@ -1,5 +1,7 @@
 """Read a DeepSpeed training checkpoint of any layout as the single-process model's tensors.
 
+The model is the backbone alone (`megadual train-lm`) or the unified model (`megadual train`,
+whose run config has an mllm section); `CheckpointModel` says which and knows its names.
 Layouts and where the weights are (t = tensor-parallel rank, i = pipeline layer):
 - pipeline (pp > 1): layer_{i:02d}-model_{t:02d}-model_states.pt, one per layer and tp rank;
 - ZeRO-1/2/3 without pipeline: fp32 partitions in zero_pp_rank_*_mp_rank_{t:02d}_*, merged
@@ -19,8 +21,17 @@ from typing import Iterator, Optional
 
 import torch
 
+from torch import nn
+
 from megadual.config import Config, load_config
+from megadual.config.schema import BackboneConfig, MLLMConfig
 from megadual.distributed.pipeline import pipeline_to_model_name
+from megadual.distributed.pipeline_mllm import (
+    mllm_pipeline_num_layers,
+    mllm_pipeline_to_model_name,
+    mllm_text_head_layer,
+)
+from megadual.models.mllm import DualTokenMLLM
 from megadual.models.qwen2 import Qwen2ForCausalLM
 from megadual.train.checkpoint import checkpoint_tag_dir
 
@@ -29,6 +40,52 @@ from .sharding import StateDict, merge_tensor_parallel, partition_dims
 
 class CheckpointError(ValueError):
     """A directory that is not a readable MegaDual checkpoint (message says what is wrong)."""
+
+
+@dataclass(frozen=True)
+class CheckpointModel:
+    """The model whose tensors a checkpoint holds: `Qwen2ForCausalLM` (mllm None) or
+    `DualTokenMLLM`, which keeps the backbone's causal LM under `lm.`."""
+
+    backbone: BackboneConfig
+    mllm: Optional[MLLMConfig] = None
+
+    @property
+    def prefix(self) -> str:
+        return "lm." if self.mllm is not None else ""
+
+    @property
+    def embedding(self) -> str:
+        return f"{self.prefix}backbone.embed_tokens.weight"
+
+    @property
+    def tied_head(self) -> Optional[str]:
+        """The head's name when it is the embedding (tied; stored once, with the embedding)."""
+        return f"{self.prefix}lm_head.weight" if self.backbone.tie_embeddings else None
+
+    def build_meta(self) -> nn.Module:
+        """The single-process model on the meta device (names, shapes, split dims; no memory)."""
+        with torch.device("meta"):
+            if self.mllm is not None:
+                return DualTokenMLLM(self.backbone, self.mllm)
+            return Qwen2ForCausalLM(self.backbone)
+
+    # Pipeline layer lists: megadual.distributed.pipeline (backbone), pipeline_mllm (unified).
+
+    def pipeline_layers(self) -> int:
+        n = self.backbone.num_layers
+        return mllm_pipeline_num_layers(n) if self.mllm is not None else n + 3
+
+    def pipeline_text_head_layer(self) -> int:
+        n = self.backbone.num_layers
+        return mllm_text_head_layer(n) if self.mllm is not None else n + 2
+
+    def pipeline_name(self, layer: int, key: str) -> str:
+        n = self.backbone.num_layers
+        return mllm_pipeline_to_model_name(layer, key, n) if self.mllm is not None else pipeline_to_model_name(layer, key, n)
+
+    def describe(self) -> str:
+        return "unified model" if self.mllm is not None else "backbone"
 
 
 @dataclass
@@ -45,6 +102,11 @@ class TrainingCheckpoint:
     @property
     def pp(self) -> int:
         return self.cfg.parallel.pp
+
+    @property
+    def model(self) -> CheckpointModel:
+        """A run with an mllm section is a `megadual train` run of the unified model."""
+        return CheckpointModel(self.cfg.backbone, self.cfg.mllm)
 
 
 def open_training_checkpoint(run_dir: str, tag: Optional[str] = None) -> TrainingCheckpoint:
@@ -71,14 +133,14 @@ def _load(path: str) -> dict:
 
 
 def _pipeline_rank_state(ckpt: TrainingCheckpoint, tp_rank: int) -> StateDict:
-    num_layers = ckpt.cfg.backbone.num_layers
+    model = ckpt.model
     state: StateDict = {}
-    for layer in range(num_layers + 3):
+    for layer in range(model.pipeline_layers()):
         path = os.path.join(ckpt.path, f"layer_{layer:02d}-model_{tp_rank:02d}-model_states.pt")
-        if layer == num_layers + 2 and ckpt.cfg.backbone.tie_embeddings:
+        if layer == model.pipeline_text_head_layer() and model.tied_head is not None:
             continue  # the tied head is saved once, with the embedding
         for key, tensor in _load(path).items():
-            state[pipeline_to_model_name(layer, key, num_layers)] = tensor
+            state[model.pipeline_name(layer, key)] = tensor
     return state
 
 
@@ -113,11 +175,9 @@ def read_rank_states(ckpt: TrainingCheckpoint) -> list[StateDict]:
     return [reader(ckpt, t) for t in range(ckpt.tp)]
 
 
-def expected_tensors(backbone) -> dict[str, torch.Size]:
-    """Names and full shapes of the single-process backbone."""
-    with torch.device("meta"):
-        model = Qwen2ForCausalLM(backbone)
-    return {name: t.shape for name, t in model.state_dict().items()}
+def expected_tensors(model: CheckpointModel) -> dict[str, torch.Size]:
+    """Names and full shapes of the single-process model."""
+    return {name: t.shape for name, t in model.build_meta().state_dict().items()}
 
 
 class TensorSource:
@@ -129,25 +189,29 @@ class TensorSource:
     embedding (`state_dict()` adds it back for loading into a model).
 
     Args:
-        backbone: the architecture the tensors must match.
+        model: the model (and architecture) the tensors must match.
         rank_tensors: per tensor-parallel rank, a mapping name -> tensor (may be lazy).
     """
 
-    def __init__(self, backbone, rank_tensors: list, trainer_state=None, description: str = ""):
-        self.backbone = backbone
+    def __init__(self, model: CheckpointModel, rank_tensors: list, trainer_state=None, description: str = ""):
+        self.model = model
         self.trainer_state = trainer_state
         self.description = description
         self._ranks = rank_tensors
-        with torch.device("meta"):
-            self._dims = partition_dims(Qwen2ForCausalLM(backbone))
-        self._expected = expected_tensors(backbone)
-        if backbone.tie_embeddings:
-            self._expected.pop("lm_head.weight")
+        meta = model.build_meta()
+        self._dims = partition_dims(meta)
+        self._expected = {name: t.shape for name, t in meta.state_dict().items()}
+        if model.tied_head is not None:
+            self._expected.pop(model.tied_head)
         # Training checkpoints of a tied model also list the head: it is the embedding.
-        present = set(rank_tensors[0].keys()) - ({"lm_head.weight"} if backbone.tie_embeddings else set())
+        present = set(rank_tensors[0].keys()) - {model.tied_head}
         missing, unexpected = sorted(set(self._expected) - present), sorted(present - set(self._expected))
         if missing or unexpected:
             raise CheckpointError(f"{description}: missing tensors {missing[:5]}, unexpected tensors {unexpected[:5]}")
+
+    @property
+    def backbone(self) -> BackboneConfig:
+        return self.model.backbone
 
     def names(self) -> list[str]:
         """Stable order: embedding, layers by index, norm, head."""
@@ -169,14 +233,14 @@ class TensorSource:
     def state_dict(self) -> StateDict:
         """Every tensor in memory, tied head included (for loading into a model)."""
         state = dict(self.items())
-        if self.backbone.tie_embeddings:
-            state["lm_head.weight"] = state["backbone.embed_tokens.weight"]
+        if self.model.tied_head is not None:
+            state[self.model.tied_head] = state[self.model.embedding]
         return state
 
 
 def check_against_config(state: StateDict, backbone, where: str) -> None:
     """Raise CheckpointError unless `state` holds exactly the backbone's tensors and shapes."""
-    expected = expected_tensors(backbone)
+    expected = expected_tensors(CheckpointModel(backbone))
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
         raise CheckpointError(f"{where}: missing tensors {missing[:5]}, unexpected tensors {unexpected[:5]}")
@@ -186,5 +250,6 @@ def check_against_config(state: StateDict, backbone, where: str) -> None:
 
 
 def training_checkpoint_source(ckpt: TrainingCheckpoint, trainer_state=None) -> TensorSource:
-    description = f"training checkpoint {ckpt.path} (tp={ckpt.tp}, pp={ckpt.pp}, zero={ckpt.cfg.parallel.zero_stage})"
-    return TensorSource(ckpt.cfg.backbone, read_rank_states(ckpt), trainer_state, description)
+    description = (f"training checkpoint {ckpt.path} ({ckpt.model.describe()}, tp={ckpt.tp}, pp={ckpt.pp}, "
+                   f"zero={ckpt.cfg.parallel.zero_stage})")
+    return TensorSource(ckpt.model, read_rank_states(ckpt), trainer_state, description)

@@ -29,6 +29,7 @@ from megadual.distributed.pipeline import (
     EmbeddingStage,
     FinalNormStage,
     HeadStage,
+    pipeline_to_model_name,
     split_into_stages,
     tied_embedding_specs,
 )
@@ -126,3 +127,32 @@ def build_mllm_pipeline_module(backbone: BackboneConfig, mllm: MLLMConfig, topol
 def pipeline_inputs(batch: dict) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
     """((inputs for the first stage), (labels for the last)) of one packed batch."""
     return tuple(batch[k] for k in INPUT_KEYS), tuple(batch[k] for k in LABEL_KEYS)
+
+
+# Names: pipeline layer i's state dict <-> `DualTokenMLLM`'s state dict. The layer list above
+# is the backbone pipeline's (megadual.distributed.pipeline) with the visual embedding inserted
+# at index 1 and the depth heads appended; a tied text head is absent from checkpoints.
+
+
+def mllm_pipeline_num_layers(num_layers: int) -> int:
+    """Pipeline layers of the unified model with `num_layers` decoder layers."""
+    return num_layers + 5
+
+
+def mllm_text_head_layer(num_layers: int) -> int:
+    """Index of the text head in the layer list (with tied embeddings DeepSpeed saves it with layer 0)."""
+    return num_layers + 3
+
+
+def mllm_pipeline_to_model_name(layer: int, key: str, num_layers: int) -> str:
+    """`DualTokenMLLM` state-dict name of tensor `key` of pipeline layer `layer`.
+
+    The visual embedding and depth-heads stages hold their modules under the model's own
+    attribute names (visual_embed, pixel_head, semantic_head), so their keys carry over.
+    """
+    if layer == 1 or layer == num_layers + 4:
+        return key
+    if not 0 <= layer < mllm_pipeline_num_layers(num_layers):
+        raise ValueError(f"pipeline layer {layer} does not exist in the unified model with {num_layers} decoder layers")
+    backbone_layer = 0 if layer == 0 else layer - 1  # the backbone pipeline lacks the visual stage
+    return f"lm.{pipeline_to_model_name(backbone_layer, key, num_layers)}"

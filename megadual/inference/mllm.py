@@ -3,10 +3,12 @@
 
 Legend: B batch, P visual positions, R residual depth, H x W image size.
 
-A checkpoint is a stage-2 run directory (`megadual train`): its config.yaml names the
+A checkpoint is either a stage-2 run directory (`megadual train`): its config.yaml names the
 visual tokenizer (`mllm.tokenizer_path`, a `DualTokenizer.save_pretrained` directory) and the
 text tokenizer (`mllm.text_tokenizer`); the weights are the newest complete checkpoint,
-read whole (tp = pp = 1, any ZeRO stage). Both run on CPU or GPU, batched.
+read whole (tp = pp = 1, any ZeRO stage); or an export directory (`megadual convert to-hf`
+of such a run, any layout; megadual/models/mllm_export.py), which carries both tokenizers.
+Both run on CPU or GPU, batched.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from megadual.config import Config, load_config
 from megadual.config.errors import ConfigError
 from megadual.data.text_tokenizers import TextTokenizer, load_text_tokenizer
 from megadual.models.mllm import DualTokenMLLM
+from megadual.models.mllm_export import is_mllm_export
 from megadual.models.vision.tokenizer import DualTokenizer
 from megadual.train.checkpoint import load_model_state
 
@@ -40,22 +43,37 @@ class LoadedMLLM:
 
 
 def load_for_inference(ckpt: str, tag: Optional[str] = None, device: Optional[str] = None) -> LoadedMLLM:
-    """Model, visual tokenizer and text tokenizer of a stage-2 run directory.
+    """Model, visual tokenizer and text tokenizer of a stage-2 run directory or of an export
+    directory (`megadual convert to-hf`; `tag` does not apply to it).
 
     Raises:
-        FileNotFoundError: no config.yaml / checkpoint / tokenizer directory.
-        ConfigError: the run names no visual tokenizer.
+        FileNotFoundError: neither a run (no config.yaml) nor an export (no MegaDual
+            config.json); no checkpoint / tokenizer directory.
+        ConfigError: the run or export names no visual tokenizer.
     """
-    config_path = os.path.join(ckpt, "config.yaml")
-    if not os.path.isfile(config_path):
-        raise FileNotFoundError(f"{ckpt} is not a stage-2 run directory: it has no config.yaml")
-    cfg = load_config(config_path)
-    cfg.require("backbone", "mllm", command="generate/caption")
-    if not cfg.mllm.tokenizer_path:
-        raise ConfigError("mllm.tokenizer_path", None, "the DualToken tokenizer directory the run's codes come from")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = DualTokenMLLM(cfg.backbone, cfg.mllm)
-    model.load_state_dict(load_model_state(ckpt, tag))
+    if is_mllm_export(ckpt):
+        if tag is not None:
+            raise ValueError(f"{ckpt} is an export directory (one set of weights); tag={tag!r} applies to run directories")
+        model = DualTokenMLLM.from_pretrained(ckpt)
+        cfg = Config(backbone=model.backbone_cfg, mllm=model.cfg)
+        missing = (f"{ckpt} is an export without a visual tokenizer (no visual_tokenizer/); re-export it with "
+                   "`megadual convert to-hf --visual-tokenizer DIR`")
+    else:
+        config_path = os.path.join(ckpt, "config.yaml")
+        if not os.path.isfile(config_path):
+            raise FileNotFoundError(
+                f"{ckpt} is neither a stage-2 run directory (no config.yaml) nor an export directory "
+                "(no config.json with a 'megadual' section)"
+            )
+        cfg = load_config(config_path)
+        cfg.require("backbone", "mllm", command="generate/caption")
+        model = DualTokenMLLM(cfg.backbone, cfg.mllm)
+        model.load_state_dict(load_model_state(ckpt, tag))
+        missing = None
+    if not cfg.mllm.tokenizer_path:
+        raise ConfigError("mllm.tokenizer_path", None, "the DualToken tokenizer directory the run's codes come from",
+                          message=missing)
     visual = DualTokenizer.from_pretrained(cfg.mllm.tokenizer_path)
     return LoadedMLLM(cfg, model.to(dev).eval(), visual.to(dev).eval(), load_text_tokenizer(cfg.mllm.text_tokenizer), dev)
 

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megadual.config.schema import MLLM_STAGES, BackboneConfig, MLLMConfig
-from megadual.distributed.comm import ProcessGroup
+from megadual.distributed.comm import ProcessGroup, group_size
 from megadual.distributed.tensor_parallel import gather_vocab_logits, vocab_parallel_cross_entropy
 
 from .heads import DepthHead
@@ -119,6 +119,48 @@ class DualTokenMLLM(nn.Module):
             self.pixel_head = DepthHead(codebook_size=mllm_cfg.pixel_codebook_size, **head_kw)
         with block_rng(seed, n + 4):
             self.semantic_head = DepthHead(codebook_size=mllm_cfg.semantic_codebook_size, **head_kw)
+
+    # ------------------------------------------------------------------ Hugging Face-style directories
+
+    @classmethod
+    def from_pretrained(cls, path: str, dtype: Optional[torch.dtype] = torch.float32,
+                        device: str | torch.device = "cpu") -> "DualTokenMLLM":
+        """The model of an export directory (`megadual convert to-hf` of a stage-2 run, or
+        `save_pretrained`; layout in megadual/models/mllm_export.py), tp = 1, eval mode.
+
+        `model.cfg.tokenizer_path` / `model.cfg.text_tokenizer` then point into the directory.
+        dtype None keeps the stored dtype.
+        """
+        from .mllm_export import load_mllm_export
+
+        return load_mllm_export(path, dtype, device)
+
+    def save_pretrained(self, path: str, visual_tokenizer: Optional[str] = None, text_tokenizer: Optional[str] = None,
+                        max_shard_size: str = "5GB", dtype: Optional[torch.dtype] = None, overwrite: bool = False) -> list[str]:
+        """Write this (tp = 1) model as an export directory that `from_pretrained` reads.
+
+        Args:
+            visual_tokenizer: a `DualTokenizer.save_pretrained` directory to copy in (default:
+                mllm.tokenizer_path, if set).
+            text_tokenizer: "bytes" or a Hugging Face tokenizer directory (default: mllm.text_tokenizer).
+            max_shard_size: safetensors shard size, e.g. "5GB"; dtype: cast the weights.
+
+        Returns:
+            The files written, relative to `path`.
+        """
+        from .hf_directory import parse_size
+        from .mllm_export import write_mllm_export
+
+        if group_size(self.tp_group) > 1:
+            raise ValueError("save_pretrained writes a tp=1 model; convert a tensor-parallel run with "
+                             "`megadual convert to-hf`")
+        return write_mllm_export(
+            self.state_dict().items(), self.backbone_cfg, self.cfg, path,
+            visual_tokenizer=visual_tokenizer if visual_tokenizer is not None else self.cfg.tokenizer_path,
+            text_tokenizer=text_tokenizer if text_tokenizer is not None else self.cfg.text_tokenizer,
+            max_shard_bytes=parse_size(max_shard_size), dtype=dtype, overwrite=overwrite,
+            source="DualTokenMLLM.save_pretrained",
+        )
 
     # ------------------------------------------------------------------ inputs
 

@@ -171,7 +171,7 @@ def test_mismatched_shapes(trained_run, tmp_path):
 
 
 def test_interrupted_write_leaves_no_output(trained_run, tmp_path, monkeypatch):
-    import megadual.convert.writers as writers
+    import megadual.models.hf_directory as writers
 
     calls = []
 

@@ -10,7 +10,7 @@ import json
 import os
 import re
 from dataclasses import fields
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
@@ -179,6 +179,49 @@ def iter_hf_tensors(path: str) -> Iterator[tuple[str, torch.Tensor]]:
                 yield name, tensor
 
 
+def read_hf_state(
+    path: str,
+    expected: dict[str, torch.Size],
+    ours: Callable[[str], Optional[str]],
+    theirs: Callable[[str], Optional[str]],
+    model_description: str,
+    dtype: Optional[torch.dtype] = None,
+    device: str | torch.device = "cpu",
+) -> dict[str, torch.Tensor]:
+    """Every tensor of a HF-style directory under MegaDual names, checked against `expected`.
+
+    Tensors are read one at a time (peak memory: the result plus one tensor).
+
+    Args:
+        expected: MegaDual name -> shape, exactly the tensors to return.
+        ours: file tensor name -> MegaDual name, or None to skip the tensor.
+        theirs: MegaDual name -> file tensor name (for messages about missing tensors).
+        model_description: what the directory should hold, for messages ("a 2-layer model").
+        dtype: cast to it (None: keep the stored dtype).
+
+    Raises:
+        FileNotFoundError: no weights, or a shard named by the index is missing.
+        ValueError: a tensor that does not belong, a shape that differs, a tensor missing.
+    """
+    state: dict[str, torch.Tensor] = {}
+    for file_name, tensor in iter_hf_tensors(path):
+        name = ours(file_name)
+        if name is None:
+            continue
+        if name not in expected:
+            raise ValueError(f"{path}: tensor {file_name!r} does not belong to {model_description}")
+        if tuple(tensor.shape) != tuple(expected[name]):
+            raise ValueError(
+                f"{path}: tensor {file_name!r} has shape {tuple(tensor.shape)}, config.json implies "
+                f"{tuple(expected[name])}"
+            )
+        state[name] = tensor.to(device=device, dtype=dtype if dtype is not None else tensor.dtype)
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise ValueError(f"{path}: weights missing for {[theirs(m) for m in missing][:8]} ({len(missing)} in all)")
+    return state
+
+
 def read_hf_config(path: str) -> dict[str, Any]:
     """The parsed `config.json` of a HF model directory, with a clear error when absent."""
     if not os.path.isdir(path):
@@ -217,23 +260,12 @@ def load_hf(
     if cfg.tie_embeddings:
         expected.pop("lm_head.weight")
 
-    state: dict[str, torch.Tensor] = {}
-    for hf_name, tensor in iter_hf_tensors(path):
+    def ours(hf_name: str) -> Optional[str]:
         name = from_hf_key(hf_name)
-        if name is None or (name == "lm_head.weight" and cfg.tie_embeddings):
-            # Tied checkpoints sometimes still carry lm_head; unknown extras (e.g. rotary caches) are skipped.
-            continue
-        if name not in expected:
-            raise ValueError(f"{path}: tensor {hf_name!r} does not belong to a {cfg.num_layers}-layer model")
-        if tuple(tensor.shape) != tuple(expected[name]):
-            raise ValueError(
-                f"{path}: tensor {hf_name!r} has shape {tuple(tensor.shape)}, config.json implies "
-                f"{tuple(expected[name])}"
-            )
-        state[name] = tensor.to(device=device, dtype=dtype)
-    missing = sorted(set(expected) - set(state))
-    if missing:
-        raise ValueError(f"{path}: weights missing for {[to_hf_key(m) for m in missing][:8]} ({len(missing)} in all)")
+        # Tied checkpoints sometimes still carry lm_head; unknown extras (e.g. rotary caches) are skipped.
+        return None if name == "lm_head.weight" and cfg.tie_embeddings else name
+
+    state = read_hf_state(path, expected, ours, to_hf_key, f"a {cfg.num_layers}-layer model", dtype, device)
     if cfg.tie_embeddings:
         state["lm_head.weight"] = state["backbone.embed_tokens.weight"]
     model.load_state_dict(state, strict=True, assign=True)
