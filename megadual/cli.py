@@ -135,7 +135,7 @@ def _add_to_hf_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_from_hf_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--hf", required=True, help="a local Hugging Face Qwen2/Qwen2.5 directory")
+    parser.add_argument("--hf", required=True, help="a local HF Qwen2/Qwen2.5 directory, or a unified-model export")
     parser.add_argument("--out", required=True, help="the MegaDual init checkpoint to write")
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel degree of the training run (any pp works)")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
@@ -241,7 +241,7 @@ COMMANDS: list[Command] = [
         subcommands=(
             Command("to-hf", "any checkpoint -> a Hugging Face directory",
                     add_arguments=_add_to_hf_arguments, handler="megadual.convert.commands:main"),
-            Command("from-hf", "a HF Qwen2 directory -> a MegaDual init checkpoint",
+            Command("from-hf", "a HF directory -> a MegaDual init checkpoint",
                     add_arguments=_add_from_hf_arguments, handler="megadual.convert.commands:main"),
             Command("reshard", "a checkpoint -> another tensor-parallel degree",
                     add_arguments=_add_reshard_arguments, handler="megadual.convert.commands:main"),

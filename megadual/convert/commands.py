@@ -19,14 +19,14 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from megadual.models.hf_directory import TEXT_TOKENIZER_FILES, parse_size
-from megadual.models.mllm_export import export_tensors, write_mllm_export
+from megadual.models.mllm_export import export_tensors, is_mllm_export, open_mllm_export, write_mllm_export
+from megadual.models.mllm_export import model_name as export_model_name
 from megadual.models.qwen2 import config_from_hf
 from megadual.models.qwen2.hf_adapter import from_hf_key, iter_hf_tensors, read_hf_config, to_hf_key
 from megadual.train.init_checkpoint import is_init_checkpoint, open_init_checkpoint
 
 from .sharding import StateDict, merge_tensor_parallel, partition_dims, split_tensor_parallel
 from .training_checkpoint import (
-    CheckpointError,
     CheckpointModel,
     TensorSource,
     check_against_config,
@@ -76,8 +76,8 @@ def load_source(src: str, tag: Optional[str] = None) -> TensorSource:
     if is_init_checkpoint(src):
         ckpt = open_init_checkpoint(src)
         ranks = [_LazyRankFile(ckpt.rank_file(r)) for r in range(ckpt.tp)]
-        return TensorSource(CheckpointModel(ckpt.backbone), ranks, ckpt.trainer_state,
-                            f"init checkpoint {src} (tp={ckpt.tp})")
+        model = CheckpointModel(ckpt.backbone, ckpt.mllm)
+        return TensorSource(model, ranks, ckpt.trainer_state, f"init checkpoint {src} ({model.describe()}, tp={ckpt.tp})")
     ckpt = open_training_checkpoint(src, tag)
     return training_checkpoint_source(ckpt, _client_state(ckpt.path))
 
@@ -150,37 +150,41 @@ def _plan_hf(source: TensorSource, out: str, max_shard_bytes: int, dtype: Option
 
 
 def from_hf(hf_dir: str, out: str, tp: int, overwrite: bool = False) -> None:
-    """A MegaDual init checkpoint for `tp` tensor-parallel ranks from a HF Qwen2/Qwen2.5 directory.
+    """A MegaDual init checkpoint for `tp` tensor-parallel ranks from a HF Qwen2/Qwen2.5
+    directory (the backbone) or from a unified-model export (every part of the model).
 
     Tensors keep their dtype, so HF -> MegaDual -> HF is bit-identical. Any pipeline degree
     can start from the result.
     """
-    backbone = config_from_hf(read_hf_config(hf_dir))
-    dims = _dims(CheckpointModel(backbone))
+    if is_mllm_export(hf_dir):
+        export = open_mllm_export(hf_dir)
+        model, our_name = CheckpointModel(export.backbone, export.mllm), export_model_name
+    else:
+        model, our_name = CheckpointModel(config_from_hf(read_hf_config(hf_dir))), from_hf_key
+    dims = _dims(model)
     shards: list[StateDict] = [{} for _ in range(tp)]
     for hf_name, tensor in tqdm(iter_hf_tensors(hf_dir), desc="from-hf", unit="tensor", leave=False):
-        name = from_hf_key(hf_name)
-        if name is None or (name == "lm_head.weight" and backbone.tie_embeddings):
+        name = our_name(hf_name)
+        if name is None or name == model.tied_head:
             continue
         for rank, part in enumerate(split_tensor_parallel({name: tensor}, dims, tp)):
             shards[rank].update(part)
     full_check = dict(shards[0]) if tp == 1 else merge_tensor_parallel(shards, dims)
-    if backbone.tie_embeddings:
-        full_check["lm_head.weight"] = full_check["backbone.embed_tokens.weight"]
-    check_against_config(full_check, backbone, where=hf_dir)
-    write_init_checkpoint(shards, backbone, out, source=os.path.abspath(hf_dir), overwrite=overwrite)
+    if model.tied_head is not None:
+        full_check[model.tied_head] = full_check[model.embedding]
+    check_against_config(full_check, model, where=hf_dir)
+    write_init_checkpoint(shards, model.backbone, out, source=os.path.abspath(hf_dir), overwrite=overwrite,
+                          mllm=model.mllm)
 
 
 def reshard(src: str, out: str, tp: int, tag: Optional[str] = None, overwrite: bool = False) -> None:
-    """Rewrite `src` for `tp` tensor-parallel ranks (any pipeline degree), keeping the trainer's
-    position so training continues at the same step; optimizer moments are not carried over."""
+    """Rewrite `src` (backbone or unified model) for `tp` tensor-parallel ranks (any pipeline
+    degree), keeping the trainer's position so training continues at the same step; optimizer
+    moments are not carried over."""
     source = load_source(src, tag)
-    if source.model.mllm is not None:
-        raise CheckpointError(f"{source.description}: reshard writes backbone init checkpoints only; a unified-model "
-                              "run converts with `megadual convert to-hf`")
     shards = split_tensor_parallel(source.state_dict(), _dims(source.model), tp)
     write_init_checkpoint(shards, source.backbone, out, trainer_state=source.trainer_state,
-                          source=source.description, overwrite=overwrite)
+                          source=source.description, overwrite=overwrite, mllm=source.model.mllm)
 
 
 def main(args) -> int:

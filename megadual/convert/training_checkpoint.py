@@ -238,9 +238,9 @@ class TensorSource:
         return state
 
 
-def check_against_config(state: StateDict, backbone, where: str) -> None:
-    """Raise CheckpointError unless `state` holds exactly the backbone's tensors and shapes."""
-    expected = expected_tensors(CheckpointModel(backbone))
+def check_against_config(state: StateDict, model: CheckpointModel, where: str) -> None:
+    """Raise CheckpointError unless `state` holds exactly the model's tensors and shapes."""
+    expected = expected_tensors(model)
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
         raise CheckpointError(f"{where}: missing tensors {missing[:5]}, unexpected tensors {unexpected[:5]}")

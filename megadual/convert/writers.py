@@ -18,7 +18,7 @@ from typing import Any, Iterable, Optional
 import torch
 from safetensors.torch import save_file
 
-from megadual.config.schema import BackboneConfig
+from megadual.config.schema import BackboneConfig, MLLMConfig
 from megadual.models.hf_directory import atomic_output_dir, dtype_name, write_safetensors_shards
 from megadual.models.qwen2.hf_adapter import config_to_hf, to_hf_key
 from megadual.train.init_checkpoint import INIT_FORMAT, INIT_META, INIT_VERSION
@@ -72,25 +72,29 @@ def write_init_checkpoint(
     trainer_state: Optional[dict[str, Any]] = None,
     source: str = "",
     overwrite: bool = False,
+    mllm: Optional[MLLMConfig] = None,
 ) -> None:
     """A MegaDual init checkpoint from per-tensor-parallel-rank state dicts (see module doc).
 
     Args:
         trainer_state: {"step": ..., "loader": ...} to continue a run (reshard); None to start one.
+        mllm: set when the states are a whole `DualTokenMLLM`'s (names with the backbone under lm.).
     """
+    head = ("lm." if mllm is not None else "") + "lm_head.weight"
     with atomic_output_dir(out_dir, overwrite) as tmp:
         for rank, state in enumerate(rank_states):
             tensors = {name: t.contiguous() for name, t in state.items()}
             # safetensors refuses tensors that share memory (a tied head): store the head only
             # when it is a separate weight; readers re-tie from the config.
             if cfg.tie_embeddings:
-                tensors.pop("lm_head.weight", None)
+                tensors.pop(head, None)
             save_file(tensors, os.path.join(tmp, f"tp{rank:02d}.safetensors"), metadata={"format": "pt"})
         meta = {
             "format": INIT_FORMAT,
             "version": INIT_VERSION,
             "tp": len(rank_states),
             "backbone": asdict(cfg),
+            "mllm": None if mllm is None else asdict(mllm),
             "source": source,
             "trainer_state": trainer_state,
         }

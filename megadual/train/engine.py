@@ -47,14 +47,16 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor, tp_group: ProcessGroup =
 def load_init_weights(module: torch.nn.Module, cfg: Config, topology: Topology) -> None:
     """Copy an init checkpoint's weights into the freshly built module, in any layout.
 
+    The module holds what the checkpoint holds: the causal LM (or its pipeline) for a backbone
+    checkpoint, the whole unified model (or its pipeline) for a unified-model checkpoint.
     ZeRO-3 parameters are partitioned placeholders: each is gathered, written on the
     data-parallel group's first rank and re-partitioned (one parameter at a time, so memory
     stays near the largest tensor).
     """
     ckpt = open_init_checkpoint(cfg.train.init_from)
-    check_compatible(ckpt, cfg.backbone, topology.layout.tp)
+    check_compatible(ckpt, cfg.backbone, topology.layout.tp, cfg.mllm)
     if topology.layout.pp > 1:
-        names = pipeline_state_names(module, cfg.backbone.num_layers)
+        names = pipeline_state_names(module, cfg.backbone.num_layers, unified=ckpt.mllm is not None)
         tensors = read_rank_tensors(ckpt, topology.tp_rank, set(names.values()))
         module.load_state_dict({key: tensors[name] for key, name in names.items()}, strict=True)
         return

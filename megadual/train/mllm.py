@@ -2,8 +2,9 @@
 
 Layouts: tp x dp with ZeRO 0-3 (the model is built under `deepspeed.zero.Init` for ZeRO-3),
 and tp x pp x dp with ZeRO-1 (a `PipelineModule` with the depth heads on the last stage).
-The backbone can start from a MegaDual init checkpoint (`train.init_from`, e.g. the output
-of `megadual convert from-hf` on a Qwen2.5 directory); which parts train follows
+The model can start from a MegaDual init checkpoint (`train.init_from`): the backbone from
+`megadual convert from-hf` of a Qwen2.5 directory, or every part from `from-hf` of a
+unified-model export or `reshard` of a stage-2 run; which parts train follows
 `mllm.trainable_stage` (the paper's four stages). Data: packed token shards
 (`loader:` section), split over data-parallel ranks. The run directory is the shared
 loop's (megadual/train/loop.py); metrics.jsonl adds text_loss, visual_loss, pixel_loss and
@@ -30,6 +31,7 @@ from megadual.distributed.topology import Topology
 from megadual.models.mllm import DualTokenMLLM, apply_trainable_stage
 
 from .engine import unsharded_grad_norm, construction_context, initialize_engine, load_init_weights
+from .init_checkpoint import open_init_checkpoint
 from .loop import RunResult, StepResult, TrainingJob, run_loop, start_run
 
 logger = logging.getLogger(__name__)
@@ -84,21 +86,30 @@ def build_mllm_engine(cfg: Config, topology: Topology):
     """The unified model (initialised, parts frozen per stage) inside a DeepSpeed engine:
     a `PipelineModule` with the heads on the last stage when pp > 1."""
     ds_config = build_deepspeed_config(cfg, topology.layout)
+    # A unified-model init checkpoint (e.g. `convert from-hf` of an export) starts every part,
+    # code tables included; a backbone one starts the backbone only.
+    unified_init = bool(cfg.train.init_from) and open_init_checkpoint(cfg.train.init_from).mllm is not None
+    if unified_init and cfg.mllm.code_init == "tokenizer":
+        raise ConfigError("mllm.code_init", "tokenizer", f"'learned' when train.init_from={cfg.train.init_from} "
+                          "holds a unified model (its code tables come from the checkpoint)")
     if topology.layout.pp > 1:
-        if cfg.mllm.trainable_stage != "all" or cfg.train.init_from or cfg.mllm.code_init != "learned":
+        if cfg.mllm.trainable_stage != "all" or (cfg.train.init_from and not unified_init) or cfg.mllm.code_init != "learned":
             raise ConfigError("parallel.pp", topology.layout.pp,
-                              "1 when mllm.trainable_stage is not 'all', train.init_from is set or mllm.code_init is "
-                              "'tokenizer' (pipeline stages do not yet freeze parts or load initial weights)")
+                              "1 when mllm.trainable_stage is not 'all', train.init_from is a backbone-only checkpoint "
+                              "or mllm.code_init is 'tokenizer' (pipeline stages do not yet freeze parts or load "
+                              "parts of the model)")
         module = build_mllm_pipeline_module(
             cfg.backbone, cfg.mllm, topology, seed=cfg.run.seed,
             activation_checkpoint_interval=1 if cfg.train.activation_checkpointing else 0,
         )
+        if unified_init:
+            load_init_weights(module, cfg, topology)
         return initialize_engine(cfg, module, ds_config, mpu=None)
     with construction_context(cfg, topology, ds_config):
         model = DualTokenMLLM(cfg.backbone, cfg.mllm, tp_group=topology.tp_group, seed=cfg.run.seed)
     model.lm.backbone.activation_checkpointing = cfg.train.activation_checkpointing
     if cfg.train.init_from:
-        load_init_weights(model.lm, cfg, topology)
+        load_init_weights(model if unified_init else model.lm, cfg, topology)
     if cfg.mllm.code_init == "tokenizer":
         pixel_table, semantic_table = tokenizer_code_tables(cfg)
         # Under ZeRO-3 the tables are partitioned placeholders: gather, write on the first rank, re-partition.

@@ -21,8 +21,7 @@ from PIL import Image
 
 from megadual.config import load_config
 from megadual.config.errors import ConfigError
-from megadual.convert.commands import load_source, reshard, to_hf
-from megadual.convert.training_checkpoint import CheckpointError
+from megadual.convert.commands import from_hf, load_source, reshard, to_hf
 from megadual.data.mm_sequence import SpecialTokens
 from megadual.data.packed_loader import PackedMultimodalLoader
 from megadual.inference.mllm import caption_images, generate_images, load_for_inference
@@ -62,12 +61,14 @@ class Runs:
         self.tokenizer = _tokenizer(root / "tokenizer")
         self._runs, self._exports = {}, {}
 
+    def overrides(self, out_dir, *layout: str) -> list[str]:
+        return [*layout, f"run.out_dir={out_dir}", f"loader.paths=[{self.shards}]", "train.steps=3",
+                "train.save_every=2", "optim.warmup_steps=1", f"mllm.tokenizer_path={self.tokenizer}"]
+
     def run(self, layout: str) -> str:
         if layout not in self._runs:
             run = self.root / layout
-            overrides = [*LAYOUTS[layout], f"run.out_dir={run}", f"loader.paths=[{self.shards}]", "train.steps=3",
-                         "train.save_every=2", "optim.warmup_steps=1", f"mllm.tokenizer_path={self.tokenizer}"]
-            run_distributed(_train, world_size=2, timeout=300, args=(overrides,))
+            run_distributed(_train, world_size=2, timeout=300, args=(self.overrides(run, *LAYOUTS[layout]),))
             self._runs[layout] = str(run)
         return self._runs[layout]
 
@@ -183,6 +184,69 @@ def test_export_serves_generate_and_caption_like_the_run(runs):
     assert from_export.cfg.mllm.tokens == from_run.cfg.mllm.tokens
 
 
+# ------------------------------------------------------------------------------------ back to MegaDual
+
+
+def _materialise(rank, world_size, overrides):
+    """Build the unified model's engine from an init checkpoint in the launched layout and save
+    it as DeepSpeed would after 0 steps."""
+    from megadual.config import dump_config
+    from megadual.distributed.runtime import init_distributed
+    from megadual.distributed.topology import Topology, plan_layout
+    from megadual.train.mllm import build_mllm_engine
+
+    cfg = load_config(os.path.join(CONFIGS, "mllm.yaml"), overrides)
+    init_distributed()
+    engine = build_mllm_engine(cfg, Topology(plan_layout(cfg.parallel, cfg.backbone, world_size)))
+    if rank == 0:
+        os.makedirs(cfg.run.out_dir, exist_ok=True)
+        dump_config(cfg, os.path.join(cfg.run.out_dir, "config.yaml"))
+    engine.save_checkpoint(os.path.join(cfg.run.out_dir, "checkpoints"), tag="step_000000")
+
+
+def _tensors(path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return {k: v for f in sorted(os.listdir(path)) if f.endswith(".safetensors") for k, v in load_file(os.path.join(path, f)).items()}
+
+
+@pytest.mark.parametrize("layout,world_size", [(["parallel.tp=2", "parallel.pp=2", "parallel.zero_stage=1"], 4),
+                                               (["parallel.zero_stage=3"], 2)], ids=["tp2-pp2", "dp2-zero3"])
+def test_export_to_megadual_layout_to_export_is_bit_identical(layout, world_size, runs, tmp_path):
+    """from-hf of an export starts every part of the unified model (visual embedding and heads
+    included) in another layout; converting that back gives the same tensors, bit for bit."""
+    export = runs.export("pp2")
+    from_hf(export, str(tmp_path / "init"), tp=2 if "parallel.tp=2" in layout else 1)
+    run = tmp_path / "run"
+    overrides = runs.overrides(run, *layout, f"train.init_from={tmp_path / 'init'}")
+    run_distributed(_materialise, world_size=world_size, timeout=300, args=(overrides,))
+    to_hf(str(run), str(tmp_path / "again"))
+    before, after = _tensors(export), _tensors(tmp_path / "again")
+    assert set(before) == set(after) and any(k.startswith("megadual.pixel_head.") for k in after)
+    for name in before:
+        assert torch.equal(before[name], after[name]), name
+
+
+def test_reshard_tp2_to_tp1_resumes_with_the_same_next_step_loss(runs, tmp_path):
+    """The unified model resharded at step 2 continues at tp=1 with the loss the tp=2 run logged
+    at step 3 (relative 1e-5: the same fp32 sums in another order)."""
+    run = runs.run("tp2")
+    reshard(run, str(tmp_path / "init"), tp=1, tag="step_000002")
+    resumed = tmp_path / "resumed"
+    overrides = runs.overrides(resumed, "backbone.tie_embeddings=false", f"train.init_from={tmp_path / 'init'}")
+    run_distributed(_train, world_size=1, timeout=300, args=(overrides,))
+    with open(os.path.join(run, "metrics.jsonl")) as f:
+        step3 = [json.loads(line) for line in f][2]
+    with open(resumed / "metrics.jsonl") as f:
+        records = [json.loads(line) for line in f]
+    assert [r["step"] for r in records] == [3]
+    print(f"resharded tp2 -> tp1: step-3 loss {records[0]['loss']:.6f} vs {step3['loss']:.6f}")
+    for key in ("loss", "text_loss", "visual_loss", "pixel_loss", "semantic_loss"):  # None: no such target
+        got, want = records[0][key], step3[key]
+        assert (got is None) == (want is None) and (want is None or abs(got - want) <= 1e-5 * abs(want)), key
+    assert records[0]["lr"] == pytest.approx(step3["lr"])
+
+
 # ------------------------------------------------------------------------------------ bad inputs
 
 
@@ -215,7 +279,21 @@ def test_to_hf_with_a_missing_or_mismatched_visual_tokenizer_writes_nothing(runs
     assert sorted(os.listdir(tmp_path)) == ["depth3"]  # neither the output nor a temporary directory
 
 
-def test_reshard_of_a_unified_model_run_is_refused(runs, tmp_path):
-    with pytest.raises(CheckpointError, match="convert to-hf"):
-        reshard(runs.run("tp2"), str(tmp_path / "out"), tp=1)
-    assert not os.path.exists(tmp_path / "out")
+
+
+def test_unified_init_checkpoint_must_fit_the_run(tmp_path):
+    from dataclasses import replace
+
+    from megadual.train.init_checkpoint import check_compatible, open_init_checkpoint
+
+    cfg = load_config(os.path.join(CONFIGS, "mllm.yaml"))
+    DualTokenMLLM(cfg.backbone, cfg.mllm, seed=0).save_pretrained(str(tmp_path / "export"))
+    from_hf(str(tmp_path / "export"), str(tmp_path / "init"), tp=1)
+    ckpt = open_init_checkpoint(str(tmp_path / "init"))
+    check_compatible(ckpt, cfg.backbone, 1, replace(cfg.mllm, cfg_scale=1.0))  # sampling settings may differ
+    with pytest.raises(ConfigError, match="mllm.head_layers: got 2, expected 3 as in the init checkpoint"):
+        check_compatible(ckpt, cfg.backbone, 1, replace(cfg.mllm, head_layers=2))
+    with pytest.raises(ConfigError, match="holds a unified model"):
+        check_compatible(ckpt, cfg.backbone, 1, None)  # `train-lm` cannot start from it
+    with pytest.raises(ConfigError, match="convert reshard"):
+        check_compatible(ckpt, cfg.backbone, 2, cfg.mllm)
