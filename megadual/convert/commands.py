@@ -19,7 +19,14 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from megadual.models.hf_directory import TEXT_TOKENIZER_FILES, parse_size
-from megadual.models.mllm_export import export_tensors, is_mllm_export, open_mllm_export, write_mllm_export
+from megadual.models.mllm_export import (
+    TEXT_TOKENIZER_DIR,
+    VISUAL_TOKENIZER_DIR,
+    export_tensors,
+    is_mllm_export,
+    open_mllm_export,
+    write_mllm_export,
+)
 from megadual.models.mllm_export import model_name as export_model_name
 from megadual.models.qwen2 import config_from_hf
 from megadual.models.qwen2.hf_adapter import from_hf_key, iter_hf_tensors, read_hf_config, to_hf_key
@@ -109,15 +116,21 @@ def to_hf(src: str, out: str, tag: Optional[str] = None, max_shard_size: str = "
     if mllm is None and (visual_tokenizer or text_tokenizer):
         raise ValueError(f"{source.description} holds a backbone only: --visual-tokenizer / --text-tokenizer "
                          "apply to unified-model (megadual train) runs")
-    if dry_run:
-        return _plan_hf(source, out, parse_size(max_shard_size), torch_dtype)
-    items = tqdm(source.items(), total=len(source.names()), desc="to-hf", unit="tensor", leave=False)
     if mllm is not None:
         visual = _existing_dir(visual_tokenizer or mllm.tokenizer_path, "--visual-tokenizer", "mllm.tokenizer_path")
+        text = text_tokenizer or mllm.text_tokenizer
         if visual is None:
             logger.warning("%s names no visual tokenizer (mllm.tokenizer_path): the export cannot generate or "
                            "caption until one is given (--visual-tokenizer DIR)", source.description)
-        files = write_mllm_export(items, source.backbone, mllm, out, visual, text_tokenizer or mllm.text_tokenizer,
+    if dry_run:
+        plan = _plan_hf(source, out, parse_size(max_shard_size), torch_dtype)
+        if mllm is not None:
+            plan.append(f"{out}/{VISUAL_TOKENIZER_DIR}/ <- {visual}" if visual else "no visual tokenizer")
+            plan.append(f"{out}/{TEXT_TOKENIZER_DIR}/ <- {text}" if text != "bytes" else "text tokenizer: bytes (no files)")
+        return plan
+    items = tqdm(source.items(), total=len(source.names()), desc="to-hf", unit="tensor", leave=False)
+    if mllm is not None:
+        files = write_mllm_export(items, source.backbone, mllm, out, visual, text,
                                   parse_size(max_shard_size), torch_dtype, overwrite, source.description)
     else:
         extra = {f: os.path.join(src, f) for f in TEXT_TOKENIZER_FILES if os.path.isfile(os.path.join(src, f))}

@@ -42,8 +42,8 @@ def load_model_state(run_dir: str, tag: Optional[str] = None) -> dict[str, torch
     path = checkpoint_tag_dir(run_dir, tag)
     if glob.glob(os.path.join(path, "layer_*-model_states.pt")) or glob.glob(os.path.join(path, "mp_rank_01*")):
         raise ValueError(
-            f"{path} holds a tensor- or pipeline-parallel checkpoint; read it with the checkpoint "
-            "converter, which merges shards and stages"
+            f"{path} holds a tensor- or pipeline-parallel checkpoint; merge its shards and stages with "
+            f"`megadual convert to-hf --src {run_dir} --out DIR` and use DIR instead"
         )
     if glob.glob(os.path.join(path, "zero_pp_rank_*_mp_rank_00_model_states.pt")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint

@@ -247,6 +247,14 @@ def test_reshard_tp2_to_tp1_resumes_with_the_same_next_step_loss(runs, tmp_path)
     assert records[0]["lr"] == pytest.approx(step3["lr"])
 
 
+def test_dry_run_lists_the_export_and_writes_nothing(runs, tmp_path):
+    plan = to_hf(runs.run("tp2"), str(tmp_path / "out"), dry_run=True, max_shard_size="40KB")
+    assert any(": lm_head.weight (512, 64)" in line for line in plan)  # untied: its own tensor
+    assert any(": megadual.semantic_head.classifier_weight (2, 128, 32)" in line for line in plan)
+    assert any(line.startswith(f"{tmp_path / 'out'}/visual_tokenizer/ <- ") for line in plan)
+    assert not os.listdir(tmp_path)
+
+
 # ------------------------------------------------------------------------------------ bad inputs
 
 
