@@ -113,7 +113,7 @@ def write_report(out_dir: str, records: list[StageRecord], quick: bool, wall_s: 
         "",
         f"![tokenizer loss]({_rel(out_dir, os.path.join(by['tokenizer'].directory, 'loss.png'))})",
         "",
-        f"Held-out originals (top) and their reconstructions (bottom):",
+        "Held-out originals (top) and their reconstructions (bottom):",
         "",
         f"![reconstructions]({_rel(out_dir, os.path.join(by['evaluate'].directory, 'reconstructions.png'))})",
         "",

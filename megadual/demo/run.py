@@ -28,7 +28,6 @@ import torch
 from megadual.data.synthetic_images import write_synthetic_shards
 from megadual.inference.mllm import load_for_inference, to_pil
 from megadual.launch import megadual_command, run_command, run_deepspeed
-from megadual.models.vision.tokenizer import DualTokenizer
 from megadual.train.tracking import plot_losses
 
 from .evaluate import judge_captions, judge_generation, load_held_out, reader_accuracy, reconstruction_quality

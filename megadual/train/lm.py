@@ -10,13 +10,12 @@ the uninterrupted loss trajectory without any RNG state.
 from __future__ import annotations
 
 import logging
-import os
 
 from megadual.config import Config
 from megadual.data.text_lm import ByteTokenizer, PackedTextLoader, load_documents
 
 from .engine import build_lm_engine, train_step
-from .loop import RunResult, TrainingJob, latest_step, run_loop, start_run
+from .loop import RunResult, TrainingJob, latest_step, run_loop, start_run, trainer_main
 
 logger = logging.getLogger(__name__)
 
@@ -62,10 +61,4 @@ def train_lm(cfg: Config, resume: bool = False, show_progress: bool = True) -> R
 
 def main(args) -> int:
     """`megadual train-lm`: the parsed arguments carry --config/--set and --resume."""
-    from megadual.config import config_from_args
-
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    result = train_lm(config_from_args(args), resume=args.resume)
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(f"trained {result.steps_run} steps in {result.run_dir}: loss {result.first_loss:.4f} -> {result.last_loss:.4f}")
-    return 0
+    return trainer_main(train_lm, args)

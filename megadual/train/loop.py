@@ -189,3 +189,14 @@ def run_loop(cfg: Config, job: TrainingJob, info: ProcessInfo, resume: bool, sho
         last_loss=losses[-1] if losses else float("nan"),
         steps_run=len(losses),
     )
+
+
+def trainer_main(train: Callable[..., RunResult], args) -> int:
+    """The body of `megadual train-lm` / `megadual train`: parsed --config/--set and --resume."""
+    from megadual.config import config_from_args
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    result = train(config_from_args(args), resume=args.resume)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"trained {result.steps_run} steps in {result.run_dir}: loss {result.first_loss:.4f} -> {result.last_loss:.4f}")
+    return 0

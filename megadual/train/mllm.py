@@ -14,7 +14,6 @@ semantic_loss to every step.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import asdict
 
 import deepspeed
@@ -32,7 +31,7 @@ from megadual.models.mllm import DualTokenMLLM, apply_trainable_stage
 
 from .engine import unsharded_grad_norm, construction_context, initialize_engine, load_init_weights
 from .init_checkpoint import open_init_checkpoint
-from .loop import RunResult, StepResult, TrainingJob, run_loop, start_run
+from .loop import RunResult, StepResult, TrainingJob, run_loop, start_run, trainer_main
 
 logger = logging.getLogger(__name__)
 
@@ -197,10 +196,4 @@ def train_mllm(cfg: Config, resume: bool = False, show_progress: bool = True) ->
 
 def main(args) -> int:
     """`megadual train`: the parsed arguments carry --config/--set and --resume."""
-    from megadual.config import config_from_args
-
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    result = train_mllm(config_from_args(args), resume=args.resume)
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(f"trained {result.steps_run} steps in {result.run_dir}: loss {result.first_loss:.4f} -> {result.last_loss:.4f}")
-    return 0
+    return trainer_main(train_mllm, args)
