@@ -8,8 +8,8 @@ Legend: B images, H x W pixels.
 - captioning: a caption per held-out image; right when it parses and names the image's shape
   and shape colour.
 
-The image reader itself is scored on the held-out originals (`reader_accuracy`): the ceiling
-the generation figure is measured against.
+The image reader itself is scored on the held-out originals and on their reconstructions
+(`read_back`): the ceilings the generation figure is measured against.
 """
 
 from __future__ import annotations
@@ -104,10 +104,14 @@ def _shape_and_colour(labels: dict) -> dict:
     return {"shape": labels["shape"], "colour": labels["colour"]}
 
 
-def reader_accuracy(held_out: HeldOut) -> Verdicts:
-    """`read_scene` on the original held-out images: how often the checker itself is right."""
+def read_back(images: list[Image.Image], held_out: HeldOut) -> Verdicts:
+    """`read_scene` on `images` (the held-out originals, or their reconstructions) against the labels.
+
+    On the originals it scores the checker itself; on reconstructions, whether the tokenizer
+    keeps the shape and colour (which PSNR, dominated by the background, does not show).
+    """
     out = Verdicts()
-    for image, labels in zip(held_out.images, held_out.labels):
+    for image, labels in zip(images, held_out.labels):
         reading = read_scene(image)
         seen = {"shape": reading.shape, "colour": reading.colour}
         out.items.append(Judged(_shape_and_colour(labels), seen, seen == _shape_and_colour(labels)))

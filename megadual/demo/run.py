@@ -30,7 +30,7 @@ from megadual.inference.mllm import load_for_inference, to_pil
 from megadual.launch import megadual_command, run_command, run_deepspeed
 from megadual.train.tracking import plot_losses
 
-from .evaluate import judge_captions, judge_generation, load_held_out, reader_accuracy, reconstruction_quality
+from .evaluate import judge_captions, judge_generation, load_held_out, read_back, reconstruction_quality
 from .report import save_judged_grid, write_report
 from .stages import StageRecord, StageRunner
 
@@ -55,7 +55,7 @@ class DemoPlan:
     mllm_steps: int
 
 
-FULL = DemoPlan(train_images=4096, held_out_images=128, tokenizer_steps=500, mllm_steps=1500)
+FULL = DemoPlan(train_images=4096, held_out_images=128, tokenizer_steps=900, mllm_steps=1500)
 QUICK = DemoPlan(train_images=256, held_out_images=12, tokenizer_steps=20, mllm_steps=20)
 
 
@@ -95,7 +95,8 @@ def train_tokenizer(out: str, data: StageRecord, plan: DemoPlan) -> dict:
         f"tokenizer_train.steps={plan.tokenizer_steps}")]
     run_deepspeed(RANKS, args, timeout=STAGE_TIMEOUT_S, log_path=os.path.join(out, "launch.log"), echo=True)
     records = _metrics(out)
-    plot_losses(os.path.join(out, "metrics.jsonl"), os.path.join(out, "loss.png"), ("loss", "pixel_mse", "psnr"))
+    plot_losses(os.path.join(out, "metrics.jsonl"), os.path.join(out, "loss.png"),
+                ("loss", "pixel_mse", "semantic_mse", "commit_pixel"))
     tail = records[-max(1, len(records) // 10):]
     return {
         "ranks": RANKS,
@@ -159,10 +160,11 @@ def evaluate(out: str, data: StageRecord, hf: StageRecord) -> dict:
     started = time.perf_counter()
     recon = reconstruction_quality(loaded.visual, held_out.images)
     recon_s = time.perf_counter() - started
-    save_judged_grid(list(zip(held_out.images, to_pil(recon.reconstructions))), None,
+    reconstructions = to_pil(recon.reconstructions)
+    recon_read = read_back(reconstructions, held_out)
+    save_judged_grid(list(zip(held_out.images, reconstructions)), [j.correct for j in recon_read.items],
                      os.path.join(out, "reconstructions.png"))
-
-    reader = reader_accuracy(held_out)
+    reader = read_back(held_out.images, held_out)
     started = time.perf_counter()
     generation, images = judge_generation(loaded, held_out)
     generation_s = time.perf_counter() - started
@@ -181,6 +183,7 @@ def evaluate(out: str, data: StageRecord, hf: StageRecord) -> dict:
         "psnr": recon.psnr,
         "ssim": recon.ssim,
         "reader_accuracy": reader.accuracy,
+        "reconstruction_read_accuracy": recon_read.accuracy,
         "generation_accuracy": generation.accuracy,
         "caption_accuracy": captions.accuracy,
         "reconstruct_images_per_s": n / recon_s,
