@@ -112,6 +112,8 @@ def read_scene(image: Union[Image.Image, np.ndarray]) -> SceneReading:
     # the whole image, would otherwise inflate the area and pull the centroid to the middle.
     solid = np.where(coverage > _MOMENT_FLOOR, coverage, 0.0)
     area = solid.sum()
+    if area == 0.0:  # contrast without a single pixel leaning to the shape colour: no shape drawn
+        return SceneReading(None, colour, background, float("inf"))
     ys, xs = np.mgrid[0:size, 0:size] + 0.5
     mx, my = (solid * xs).sum() / area, (solid * ys).sum() / area
     best_shape, best_error = None, float("inf")

@@ -99,6 +99,10 @@ class Verdicts:
     def accuracy(self) -> float:
         return sum(j.correct for j in self.items) / max(1, len(self.items))
 
+    def share_right(self, key: str) -> float:
+        """How often one attribute ("shape" or "colour") alone was right."""
+        return sum(j.seen[key] == j.expected[key] for j in self.items) / max(1, len(self.items))
+
 
 def _shape_and_colour(labels: dict) -> dict:
     return {"shape": labels["shape"], "colour": labels["colour"]}

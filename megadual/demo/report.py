@@ -84,9 +84,13 @@ def write_report(out_dir: str, records: list[StageRecord], quick: bool, wall_s: 
                     ev["generation_accuracy"], "generation_accuracy", f"{TARGETS['generation_accuracy']:.0%}"),
         _target_row("captions naming the image's shape and colour", f"{ev['caption_accuracy']:.0%}",
                     ev["caption_accuracy"], "caption_accuracy", f"{TARGETS['caption_accuracy']:.0%}"),
+        f"| ... colour alone / shape alone: generated | {ev['generation_colour']:.0%} / "
+        f"{ev['generation_shape']:.0%} | | |",
+        f"| ... colour alone / shape alone: captions | {ev['caption_colour']:.0%} / {ev['caption_shape']:.0%} | | |",
         f"| the image checker on the held-out originals | {ev['reader_accuracy']:.0%} | (its own accuracy) | |",
         f"| reconstructions whose shape and colour the checker reads right | "
-        f"{ev['reconstruction_read_accuracy']:.0%} | (what the codes keep) | |",
+        f"{ev['reconstruction_read_accuracy']:.0%} (colour {ev['reconstruction_colour']:.0%}, shape "
+        f"{ev['reconstruction_shape']:.0%}) | (what the codes keep) | |",
         "",
         f"{ev['held_out']} held-out scenes (a seed never trained on). Images are judged by "
         "`megadual.data.scene_reader.read_scene` from pixels alone; captions by the scene grammar.",

@@ -55,7 +55,7 @@ class DemoPlan:
     mllm_steps: int
 
 
-FULL = DemoPlan(train_images=4096, held_out_images=128, tokenizer_steps=900, mllm_steps=1500)
+FULL = DemoPlan(train_images=16384, held_out_images=128, tokenizer_steps=900, mllm_steps=1500)
 QUICK = DemoPlan(train_images=256, held_out_images=12, tokenizer_steps=20, mllm_steps=20)
 
 
@@ -186,6 +186,12 @@ def evaluate(out: str, data: StageRecord, hf: StageRecord) -> dict:
         "reconstruction_read_accuracy": recon_read.accuracy,
         "generation_accuracy": generation.accuracy,
         "caption_accuracy": captions.accuracy,
+        "generation_colour": generation.share_right("colour"),
+        "generation_shape": generation.share_right("shape"),
+        "caption_colour": captions.share_right("colour"),
+        "caption_shape": captions.share_right("shape"),
+        "reconstruction_colour": recon_read.share_right("colour"),
+        "reconstruction_shape": recon_read.share_right("shape"),
         "reconstruct_images_per_s": n / recon_s,
         "generate_images_per_s": n / generation_s,
         "caption_images_per_s": n / caption_s,
