@@ -55,7 +55,8 @@ class CodeProjector(nn.Module):
         lead = codes.shape[:-1]
         # embedding_bag sums the R embeddings of a row without materialising [N, R, C].
         summed = F.embedding_bag(codes.reshape(-1, codes.shape[-1]), self.codebook, mode="sum")  # [N, C]
-        return self.fc2(F.gelu(self.fc1(summed))).view(*lead, -1)
+        # Explicit width, not -1: a prompt may have no visual position (N = 0).
+        return self.fc2(F.gelu(self.fc1(summed))).view(*lead, self.fc2.out_features)
 
     @torch.no_grad()
     def init_from_codebook_(

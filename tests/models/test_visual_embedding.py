@@ -40,6 +40,8 @@ def test_shape_and_branch_split(embed):
     other = embed(_codes((2, 5), KP, 3), sem)
     torch.testing.assert_close(other[..., 8:], out[..., 8:], atol=0, rtol=0)
     assert (other[..., :8] - out[..., :8]).abs().max() > 1e-4
+    # No visual position at all (a text-only prompt): an empty [0, D], not an error.
+    assert embed(_codes((0,), KP, 4), _codes((0,), KS, 5)).shape == (0, D)
 
 
 def test_sum_over_depth_with_one_shared_table(embed):
