@@ -1,4 +1,5 @@
-"""Start `megadual` subcommands on several local ranks with the `deepspeed` launcher.
+"""Start `megadual` subcommands as child processes: on several local ranks with the
+`deepspeed` launcher, or as one plain process; output kept in a log and optionally echoed.
 
 Used by the demo and the launch tests; on a cluster run the launcher yourself (see the
 README). Every rank gets one intra-op thread unless the caller's environment says
