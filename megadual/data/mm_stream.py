@@ -4,7 +4,7 @@ Legend: W samples per window (pack_window), B rows per batch, T tokens per row.
 
 A stream is a pure function of (config, stream id, number of streams): epoch e's plan
 (`stream_plan.py`) is cut into windows of W sample positions; each window is read, turned
-into sequences, shuffled and best-fit packed on its own, and its rows are emitted in a
+into sequences, shuffled and packed on its own (`packing.pack_rows`), and its rows are emitted in a
 shuffled order. Everything random is seeded from the seed and the window's (epoch, index)
 or the sample's identity, never from how far the stream has run, so the stream's position
 is just (epoch, window, rows of that window already emitted). Resuming rereads one window
@@ -21,7 +21,7 @@ from typing import Iterator
 from megadual.config.schema import PackedLoaderConfig
 
 from .mm_sequence import GENERATION, UNDERSTANDING, MMSequence, SpecialTokens, build_sequence, collate_rows
-from .packing import best_fit_pack
+from .packing import pack_rows
 from .shard_reader import ShardCursor
 from .stream_plan import plan_epoch
 from .token_shards import Manifest, TokenShardError, decode_sample
@@ -146,7 +146,7 @@ class PackedStream:
                     seqs.append(seq)
         rng = random.Random(f"megadual-window:{self.cfg.seed}:{epoch}:{self.stream}:{window}")
         rng.shuffle(seqs)
-        rows = [[seqs[i] for i in row] for row in best_fit_pack([len(s) for s in seqs], self.cfg.seq_len)]
+        rows = [[seqs[i] for i in row] for row in pack_rows([len(s) for s in seqs], self.cfg.seq_len)]
         rng.shuffle(rows)
         return rows
 
