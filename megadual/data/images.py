@@ -8,7 +8,7 @@ Every source becomes a map-style index of records, so a loader position is two i
 
 - webdataset shards (`.tar` files, or directories of them): members grouped by key (the name
   up to the first dot of the basename); an image member (jpg/jpeg/png/webp) makes a sample, a
-  `.txt` (or a json "caption") its caption. Tars are read in place by member offset.
+  `.txt` its caption. Tars are read in place by member offset.
 - folders: image files found recursively (sorted), captions from sidecar `NAME.txt`.
 - synthetic: scenes rendered on the fly from (seed, index); no files.
 
@@ -84,8 +84,35 @@ def _expand(paths: Sequence[str], suffixes: tuple[str, ...]) -> list[str]:
     return out
 
 
+def tar_samples(shard: str) -> list[tuple[str, dict[str, tarfile.TarInfo]]]:
+    """Every sample of one tar shard: (key, {extension: member}), in member order.
+
+    Raises:
+        ValueError: the file is not a readable tar (or is cut short).
+    """
+    samples: dict[str, dict[str, tarfile.TarInfo]] = {}
+    try:
+        with tarfile.open(shard, "r:") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                key, ext = _split_name(member.name)
+                samples.setdefault(key, {})[ext] = member
+    except tarfile.TarError as exc:
+        raise ValueError(f"images.paths: {shard} is not a readable tar shard ({exc}); remove or rebuild it") from exc
+    return list(samples.items())  # dicts keep first-seen order
+
+
+def image_member(parts: dict[str, tarfile.TarInfo]) -> Optional[tarfile.TarInfo]:
+    """The sample's image member (the first of IMAGE_EXTENSIONS present), or None."""
+    return next((parts[e] for e in IMAGE_EXTENSIONS if e in parts), None)
+
+
 def index_shards(paths: Sequence[str]) -> list[ImageRecord]:
     """Records of every image sample in the given tar shards (files or directories of *.tar).
+
+    Samples without an image member are left out (tokenizer training needs no caption);
+    `megadual.pipeline.extract_inputs` lists such samples instead.
 
     Raises:
         FileNotFoundError: a path does not exist.
@@ -93,23 +120,8 @@ def index_shards(paths: Sequence[str]) -> list[ImageRecord]:
     """
     records: list[ImageRecord] = []
     for shard in _expand(paths, (".tar",)):
-        samples: dict[str, dict[str, tarfile.TarInfo]] = {}
-        order: list[str] = []
-        try:
-            with tarfile.open(shard, "r:") as tar:
-                for member in tar:
-                    if not member.isfile():
-                        continue
-                    key, ext = _split_name(member.name)
-                    if key not in samples:
-                        samples[key] = {}
-                        order.append(key)
-                    samples[key][ext] = member
-        except tarfile.TarError as exc:
-            raise ValueError(f"images.paths: {shard} is not a readable tar shard ({exc}); remove or rebuild it") from exc
-        for key in order:
-            parts = samples[key]
-            image = next((parts[e] for e in IMAGE_EXTENSIONS if e in parts), None)
+        for key, parts in tar_samples(shard):
+            image = image_member(parts)
             if image is None:
                 continue
             txt = parts.get("txt")

@@ -245,8 +245,10 @@ def extract_tokens(opts: ExtractOptions) -> Optional[Manifest]:
     )
     os.makedirs(os.path.join(opts.out, PARTS_DIR), exist_ok=True)
 
-    # This rank's unfinished shards, indexed; unreadable tars are finished at once (all skipped).
+    # This rank's unfinished shards, indexed; unreadable tars and shards with no usable sample
+    # are finished at once (all skipped).
     work: list[int] = []  # global shard index of each work position
+    index_skipped: list[list[dict]] = []  # per work position: samples without image or caption
     items = []
     batches: list[list[int]] = []
     for i in range(rank, len(shards), world):
@@ -254,20 +256,25 @@ def extract_tokens(opts: ExtractOptions) -> Optional[Manifest]:
             continue
         _remove_stale_temps(opts.out, i)
         try:
-            samples = index(shards[i])
+            samples, skipped = index(shards[i])
         except ValueError as exc:
             _finish_shard(opts.out, i, shards[i], [], [_skip(opts, {"source": shards[i].source, "reason": str(exc)})],
                           template)
+            continue
+        skipped = [_skip(opts, entry) for entry in skipped]
+        if not samples:
+            _finish_shard(opts.out, i, shards[i], [], skipped, template)
             continue
         start = len(items)
         items.extend((len(work), key, source, rec) for key, source, rec in samples)
         batches.extend(list(range(b, min(b + opts.batch_size, len(items)))) for b in range(start, len(items), opts.batch_size))
         work.append(i)
+        index_skipped.append(skipped)
     logger.info("rank %d/%d: %d input shard(s) to extract (%d images), %d already done", rank, world, len(work),
                 len(items), len(range(rank, len(shards), world)) - len(work))
 
     if items:
-        _run(opts, tokenizer, device, shards, work, items, batches, template, rank, world)
+        _run(opts, tokenizer, device, shards, work, index_skipped, items, batches, template, rank, world)
     if world > 1:
         torch.distributed.barrier()
     if rank != 0:
@@ -279,7 +286,8 @@ def extract_tokens(opts: ExtractOptions) -> Optional[Manifest]:
 
 
 def _run(opts: ExtractOptions, tokenizer, device: torch.device, shards: Sequence[InputShard], work: list[int],
-         items: list, batches: list[list[int]], template: Manifest, rank: int, world: int) -> None:
+         index_skipped: list[list[dict]], items: list, batches: list[list[int]], template: Manifest, rank: int,
+         world: int) -> None:
     """Decode (workers) -> encode (here) -> write each shard as soon as its last batch is done."""
     from tqdm import tqdm
 
@@ -291,12 +299,14 @@ def _run(opts: ExtractOptions, tokenizer, device: torch.device, shards: Sequence
     batches_left = [0] * len(work)
     for b in batches:
         batches_left[items[b[0]][0]] += 1
-    pending: dict[int, tuple[list[TokenSample], list[dict]]] = {}
+    # Skipped entries: those found while indexing, then those found while decoding (each in input order).
+    pending: dict[int, tuple[list[TokenSample], list[dict]]] = {pos: ([], list(index_skipped[pos]))
+                                                               for pos in range(len(work))}
     bar = tqdm(total=len(items), unit="img", desc=f"extract (rank {rank}/{world})", disable=not opts.show_progress or rank != 0)
     started = time.perf_counter()
     for batch in loader:
         pos = batch.items[0].shard
-        samples, skipped = pending.setdefault(pos, ([], []))
+        samples, skipped = pending[pos]
         good = [batch.items[j] for j in batch.good]
         for it in batch.items:
             if it.reason:

@@ -7,6 +7,10 @@ An *input shard* is the unit of work and of resume: one webdataset tar, or one c
 exactly one output token shard. Decoding happens in DataLoader workers (`InputDataset`), so
 the tokenizer forward in the main process is the bottleneck; a sample that cannot be decoded
 comes back as an item with `image=None` and the reason, never an exception.
+
+A usable sample has an image and a non-empty caption. Samples that lack one (a caption with no
+image, an image with no caption, a key with neither) are found while indexing and returned as
+*skipped* entries {"source", "key", "reason"}; an empty caption is found when it is read.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from typing import Any, Optional, Sequence
 import torch
 from PIL import Image
 
-from megadual.data.images import IMAGE_EXTENSIONS, ImageRecord, index_folder, index_shards, preprocess
+from megadual.data.images import IMAGE_EXTENSIONS, ImageRecord, image_member, index_folder, preprocess, tar_samples
 from megadual.data.text_tokenizers import load_text_tokenizer
 
 FORMATS = ("auto", "webdataset", "folder")
@@ -40,6 +44,7 @@ class InputShard:
     path: Optional[str] = None
     records: Optional[tuple[ImageRecord, ...]] = None
     root: Optional[str] = None  # the folder a chunk's records are named relative to
+    orphan_captions: tuple[str, ...] = ()  # a folder chunk's NAME.txt files with no image NAME.<ext>
 
 
 def _is_tar_input(path: str) -> bool:
@@ -83,12 +88,15 @@ def list_input_shards(paths: Sequence[str], fmt: str = "auto", folder_shard_size
             shards.extend(InputShard(source=_rel(t, root), path=t) for t in tars)
         else:
             records = index_folder([root])
-            for start in range(0, len(records), folder_shard_size):
+            orphans = _orphan_captions(root, records, folder_shard_size)
+            starts = list(range(0, len(records), folder_shard_size))
+            for start in starts:
                 chunk = tuple(records[start:start + folder_shard_size])
                 name = os.path.basename(os.path.normpath(root))
                 shards.append(InputShard(
                     source=f"{name}[{_rel(chunk[0].path, root)}..{_rel(chunk[-1].path, root)}]", records=chunk,
-                    root=root if os.path.isdir(root) else os.path.dirname(root)))
+                    root=root if os.path.isdir(root) else os.path.dirname(root),
+                    orphan_captions=tuple(orphans.get(start, ()))))
     if not shards:
         raise ValueError(f"extract --input: no .tar shards or image files ({'/'.join(IMAGE_EXTENSIONS)}) under {list(paths)}")
     return shards
@@ -99,34 +107,95 @@ def sample_key(name: str) -> str:
     return name.replace("/", "__").replace(".", "_") or "_"
 
 
-def index(shard: InputShard) -> list[tuple[str, str, ImageRecord]]:
-    """(output key, source key, record) of every image sample of `shard`.
+def _orphan_captions(root: str, records: Sequence[ImageRecord], chunk: int) -> dict[int, list[str]]:
+    """Caption files under a folder with no image of the same name, by the chunk that lists them.
 
-    The source key is relative to the input (tar basename + key, or the file path relative to
-    its folder), so it does not depend on where the inputs were mounted.
+    The folder is walked in `index_folder`'s order; an orphan belongs to the chunk of the last
+    image walked before it (the first chunk if none was), so each is listed exactly once.
+    Returns {index of the chunk's first record: [caption paths]}.
+    """
+    if not os.path.isdir(root):
+        return {}
+    position = {r.path: i for i, r in enumerate(records)}
+    stems = {os.path.splitext(r.path)[0] for r in records}
+    last = 0
+    out: dict[int, list[str]] = {}
+    for d, dirs, files in os.walk(root):
+        dirs.sort()
+        for f in sorted(files):
+            path = os.path.join(d, f)
+            if path in position:
+                last = position[path]
+            elif f.endswith(".txt") and os.path.splitext(path)[0] not in stems:
+                out.setdefault(last - last % chunk, []).append(path)
+    return out
+
+
+def _members(parts: dict) -> str:
+    return ", ".join("." + e if e else "(no extension)" for e in parts)
+
+
+def _missing(parts: dict) -> str:
+    """Why a tar sample is unusable, or "" if it has an image and a caption."""
+    image, caption = image_member(parts) is not None, "txt" in parts
+    if image and caption:
+        return ""
+    if image:
+        return f"no caption: the sample has {_members(parts)} but no .txt member"
+    if caption:
+        return f"no image: the sample has {_members(parts)} but no {'/'.join(IMAGE_EXTENSIONS)} member"
+    return f"no image and no caption: the sample has only {_members(parts)}"
+
+
+def index(shard: InputShard) -> tuple[list[tuple[str, str, ImageRecord]], list[dict[str, str]]]:
+    """The usable samples of `shard`, and the unusable ones.
+
+    Returns:
+        (samples, skipped): samples are (output key, source key, record), in input order;
+        skipped are {"source", "key", "reason"} manifest entries for samples without an
+        image or a caption. The source key is relative to the input (tar basename + key, or
+        the file path relative to its folder), so it does not depend on where the inputs
+        were mounted.
 
     Raises:
-        ValueError: the tar cannot be read or holds no image sample (the caller lists the
+        ValueError: the tar cannot be read or holds no sample at all (the caller lists the
             whole shard as skipped).
     """
-    out = []
+    out, skipped = [], []
     if shard.path is not None:
-        for rec in index_shards([shard.path]):
-            name = rec.key[len(shard.path) + 1:]  # index_shards names a sample "<shard>:<key>"
-            out.append((sample_key(name), f"{os.path.basename(shard.path)}:{name}", rec))
+        tar = os.path.basename(shard.path)
+        groups = tar_samples(shard.path)
+        if not groups:
+            raise ValueError(f"{shard.source} holds no samples (an empty tar)")
+        for name, parts in groups:
+            reason = _missing(parts)
+            if reason:
+                skipped.append({"source": shard.source, "key": f"{tar}:{name}", "reason": reason})
+                continue
+            image, txt = image_member(parts), parts["txt"]
+            rec = ImageRecord(key=f"{shard.path}:{name}", path=shard.path, offset=image.offset_data, size=image.size,
+                              caption_member=(txt.offset_data, txt.size))
+            out.append((sample_key(name), f"{tar}:{name}", rec))
     else:
         assert shard.records is not None and shard.root is not None
         base = shard.root
+        unusable = [(rec.path, "no caption: no sidecar NAME.txt next to the image")
+                    for rec in shard.records if rec.caption_path is None]
+        unusable += [(path, f"no image: a caption file with no NAME.{'/'.join(IMAGE_EXTENSIONS)} next to it")
+                     for path in shard.orphan_captions]
+        for path, reason in sorted(unusable):
+            skipped.append({"source": shard.source, "key": os.path.relpath(path, base), "reason": reason})
         for rec in shard.records:
-            name = os.path.splitext(os.path.relpath(rec.path, base))[0]
-            out.append((sample_key(name), os.path.relpath(rec.path, base), rec))
+            if rec.caption_path is not None:
+                name = os.path.splitext(os.path.relpath(rec.path, base))[0]
+                out.append((sample_key(name), os.path.relpath(rec.path, base), rec))
     seen: dict[str, int] = {}
     unique = []
     for key, source, rec in out:  # two names can sanitise to one key: keep both, numbered
         n = seen.get(key, 0)
         seen[key] = n + 1
         unique.append((key if n == 0 else f"{key}_{n}", source, rec))
-    return unique
+    return unique, skipped
 
 
 @dataclass
@@ -173,6 +242,18 @@ class InputDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> InputItem:
         shard, key, source_key, rec = self.items[i]
+        # The caption first: it is cheap, and a sample without one is skipped undecoded.
+        try:
+            if rec.caption_member is not None:
+                caption = _read(rec.path, *rec.caption_member).decode("utf-8", errors="replace").strip()
+            else:
+                assert rec.caption_path is not None, "index() lists samples without a caption as skipped"
+                with open(rec.caption_path, encoding="utf-8", errors="replace") as f:
+                    caption = f.read().strip()
+        except (OSError, EOFError) as exc:
+            return InputItem(shard, key, source_key, None, (0, 0), "", [], f"caption unreadable: {exc}")
+        if not caption:
+            return InputItem(shard, key, source_key, None, (0, 0), "", [], "empty caption: the .txt holds no text")
         try:
             with Image.open(io.BytesIO(_read(rec.path, rec.offset, rec.size))) as img:
                 img.load()  # decode now: a truncated image fails here
@@ -180,15 +261,6 @@ class InputDataset(torch.utils.data.Dataset):
                 image = preprocess(img, self.image_size)
         except Exception as exc:  # noqa: BLE001 - any decoder failure makes the sample corrupt
             return InputItem(shard, key, source_key, None, (0, 0), "", [], f"{type(exc).__name__}: {exc}")
-        caption = ""
-        try:
-            if rec.caption_member is not None:
-                caption = _read(rec.path, *rec.caption_member).decode("utf-8", errors="replace").strip()
-            elif rec.caption_path is not None:
-                with open(rec.caption_path, encoding="utf-8", errors="replace") as f:
-                    caption = f.read().strip()
-        except OSError as exc:
-            return InputItem(shard, key, source_key, None, size, "", [], f"caption unreadable: {exc}")
         if self._text is None:
             self._text = load_text_tokenizer(self.text_spec)
         return InputItem(shard, key, source_key, image, size, caption, self._text.encode(caption))

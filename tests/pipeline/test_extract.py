@@ -147,6 +147,39 @@ def test_corrupt_inputs_are_skipped_and_listed(tmp_path, tokenizer_dir, raw_dir)
         extract_tokens(_opts(str(raw), str(tmp_path / "strict"), tokenizer_dir, on_corrupt="raise"))
 
 
+def test_samples_without_image_or_caption_are_skipped_and_listed(tmp_path, tokenizer_dir, raw_dir):
+    png = _raw_samples(raw_dir)["shapes-000000.tar:00000000"][0]
+    tars = tmp_path / "tars"
+    tars.mkdir()
+    _write_tar(str(tars / "a.tar"), {"ok.png": png, "ok.txt": b"a red square", "textonly.txt": b"a caption, no image",
+                                     "imageonly.png": png, "other.cls": b"3", "blank.png": png, "blank.txt": b" \n"})
+    folder = tmp_path / "folder"
+    (folder / "sub").mkdir(parents=True)
+    for name, data in {"a.png": png, "a.txt": b"a square", "b.png": png, "c.txt": b"orphan caption",
+                       "sub/d.png": png, "sub/d.txt": b"nested", "sub/e.txt": b"another orphan"}.items():
+        (folder / name).write_bytes(data)
+
+    manifest = extract_tokens(_opts(str(tars), str(tmp_path / "out-tar"), tokenizer_dir))
+    assert sorted(_read_all(str(tmp_path / "out-tar"))) == ["a.tar:ok"]
+    reasons = {s["key"]: s["reason"] for s in manifest.skipped}
+    assert sorted(reasons) == ["a.tar:blank", "a.tar:imageonly", "a.tar:other", "a.tar:textonly"]
+    assert reasons["a.tar:textonly"].startswith("no image:") and reasons["a.tar:imageonly"].startswith("no caption:")
+    assert reasons["a.tar:other"].startswith("no image and no caption") and "empty caption" in reasons["a.tar:blank"]
+    assert all(s["source"] == "a.tar" for s in manifest.skipped)
+
+    # Folders: an image without NAME.txt, and NAME.txt files without an image, in any chunk.
+    out = str(tmp_path / "out-folder")
+    manifest = extract_tokens(_opts(str(folder), out, tokenizer_dir, folder_shard_size=2))
+    assert sorted(_read_all(out)) == ["a.png", os.path.join("sub", "d.png")]
+    reasons = {s["key"]: s["reason"] for s in manifest.skipped}
+    assert sorted(reasons) == ["b.png", "c.txt", os.path.join("sub", "e.txt")]
+    assert reasons["b.png"].startswith("no caption:") and reasons["c.txt"].startswith("no image:")
+    assert manifest.num_samples == 2
+
+    with pytest.raises(ValueError, match="unusable input a.tar, sample 'a.tar:textonly': no image"):
+        extract_tokens(_opts(str(tars), str(tmp_path / "strict"), tokenizer_dir, on_corrupt="raise"))
+
+
 def test_sigkill_and_rerun_gives_identical_shards(tmp_path, tokenizer_dir):
     raw = str(tmp_path / "raw")
     write_synthetic_shards(raw, num=160, size=32, seed=5, shard_size=16)  # 10 input shards
