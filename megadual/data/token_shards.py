@@ -158,10 +158,23 @@ def check_key(key: str) -> None:
         raise ValueError(f"sample key {key!r} must be non-empty without '.' or '/'; webdataset splits names there")
 
 
+_NPY_HEADERS: dict[tuple[str, tuple[int, ...]], bytes] = {}  # (dtype, shape) -> np.save's header
+_MAX_NPY_HEADERS = 4096
+
+
 def _npy_bytes(array: np.ndarray) -> bytes:
+    """np.save's bytes of a C-contiguous array: the header depends on dtype and shape alone, so
+    it is made by np.save once per (dtype, shape) and reused (extraction encodes ~5 arrays per image)."""
+    key = (array.dtype.str, array.shape)
+    header = _NPY_HEADERS.get(key)
+    if header is not None and array.flags.c_contiguous:
+        return header + array.tobytes()
     buf = io.BytesIO()
     np.save(buf, array, allow_pickle=False)
-    return buf.getvalue()
+    data = buf.getvalue()
+    if array.flags.c_contiguous and len(_NPY_HEADERS) < _MAX_NPY_HEADERS:
+        _NPY_HEADERS[key] = data[: len(data) - array.nbytes]
+    return data
 
 
 def encode_sample(sample: TokenSample) -> dict[str, bytes]:
@@ -176,7 +189,7 @@ def encode_sample(sample: TokenSample) -> dict[str, bytes]:
         array = np.asarray(array)
         if array.ndim != 2:
             raise ValueError(f"sample {sample.key!r}: {name} must be [T, R], got shape {array.shape}")
-        if array.size and (array.min() < 0 or array.max() > 65535):
+        if array.size and array.dtype != np.uint16 and (array.min() < 0 or array.max() > 65535):
             raise ValueError(f"sample {sample.key!r}: {name} holds values outside uint16 [0, 65535]")
         codes[name] = _npy_bytes(np.ascontiguousarray(array, dtype=np.uint16))
     meta = {

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from megadual.data.shard_reader import ShardCursor
-from megadual.data.shard_writer import TokenShardWriter, tar_bytes, write_shard
+from megadual.data.shard_writer import TarBuilder, TokenShardWriter, tar_bytes, write_shard
 from megadual.data.token_shards import (
     SCHEMA_VERSION,
     Manifest,
@@ -186,6 +186,44 @@ def test_cursor_skips_and_rewinds(tmp_path):
     assert [k for _, k, _ in cursor.read([1, 4])] == [samples[1].key, samples[4].key]
     assert [k for _, k, _ in cursor.read([5])] == [samples[5].key]
     assert [k for _, k, _ in cursor.read([0, 2])] == [samples[0].key, samples[2].key]  # reopens to go back
+
+
+def test_npy_bytes_are_np_save_bytes_with_cached_headers():
+    from megadual.data.token_shards import _npy_bytes
+
+    rng = np.random.default_rng(0)
+    arrays = [rng.integers(0, 9, (7, 2)).astype(np.uint16), np.zeros(0, np.int32),
+              rng.integers(0, 9, 5).astype(np.int32), rng.integers(0, 9, (4, 6)).astype(np.uint16)[:, ::2]]
+    for array in arrays + arrays:  # the second pass reuses the cached headers
+        buf = io.BytesIO()
+        np.save(buf, array, allow_pickle=False)
+        assert _npy_bytes(array) == buf.getvalue()
+
+
+def _tarfile_reference(members: list[tuple[str, bytes]]) -> bytes:
+    """The same members written by the standard library's tarfile (the oracle)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        for name, payload in members:
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = len(payload), 0, 0o444, 0, 0, "", ""
+            tf.addfile(info, io.BytesIO(payload))
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("members", [
+    [],
+    [("a.txt", b"")],
+    [("a.txt", b"x" * 512), ("a.json", b"{}"), ("b.npy", bytes(range(256)) * 41)],
+    [("k" * 96 + ".txt", b"100 chars exactly"), ("k" * 97 + ".txt", b"101: a pax record")],
+    [("caf\u00e9.txt", "non-ASCII name: a pax record".encode())],
+    [(f"s{i:05d}.{f}", b"y" * (37 * i % 1300)) for i in range(40) for f in ("txt", "json")],
+])
+def test_tar_builder_writes_the_bytes_tarfile_writes(members):
+    tar = TarBuilder()
+    for name, payload in members:
+        tar.add(name, payload)
+    assert tar.getvalue() == _tarfile_reference(members)
 
 
 def test_tar_bytes_keeps_a_sample_together():
