@@ -24,7 +24,7 @@ import logging
 import os
 import tarfile
 from dataclasses import dataclass
-from typing import Any, Iterator, NamedTuple, Optional, Sequence, Union
+from typing import Any, BinaryIO, Iterator, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -84,26 +84,76 @@ def _expand(paths: Sequence[str], suffixes: tuple[str, ...]) -> list[str]:
     return out
 
 
-def tar_samples(shard: str) -> list[tuple[str, dict[str, tarfile.TarInfo]]]:
+class TarMember(NamedTuple):
+    """A regular file inside a tar: its name and where its data lies."""
+
+    name: str
+    offset_data: int
+    size: int
+
+
+_BLOCK = 512
+_USTAR_MAGIC = b"ustar\x0000"  # POSIX ustar magic + version, at bytes 257..264 of a header
+
+
+def _plain_tar_members(f: BinaryIO, file_size: int) -> Optional[list[TarMember]]:
+    """The members of a tar made only of POSIX ustar headers of files and directories, or None.
+
+    The common case (tarfile, GNU tar and webdataset writers with short names) read in a few
+    microseconds per member instead of tarfile's ~70. Anything else -- pax or GNU extension
+    headers, other member types, a bad checksum, data past the end of the file -- returns
+    None, and the caller asks tarfile, whose results (and errors) are then the answer.
+    """
+    members, offset = [], 0
+    while True:
+        f.seek(offset)
+        header = f.read(_BLOCK)
+        if len(header) < _BLOCK:
+            return None
+        if header == bytes(_BLOCK):
+            return members  # end-of-archive block
+        kind, magic = header[156:157], header[257:265]
+        if magic != _USTAR_MAGIC or kind not in (b"0", b"5"):
+            return None
+        try:
+            checksum = int(header[148:156].split(b"\0", 1)[0].strip() or b"0", 8)
+            size = int(header[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
+        except ValueError:
+            return None
+        if checksum != 256 + sum(header[:148]) + sum(header[156:]):  # the field counts as 8 spaces
+            return None
+        data = offset + _BLOCK
+        if data + size > file_size:
+            return None
+        if kind == b"0":
+            name = header[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+            prefix = header[345:500].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+            members.append(TarMember(f"{prefix}/{name}" if prefix else name, data, size))
+        offset = data + -(-size // _BLOCK) * _BLOCK
+
+
+def tar_samples(shard: str) -> list[tuple[str, dict[str, TarMember]]]:
     """Every sample of one tar shard: (key, {extension: member}), in member order.
 
     Raises:
         ValueError: the file is not a readable tar (or is cut short).
     """
-    samples: dict[str, dict[str, tarfile.TarInfo]] = {}
-    try:
-        with tarfile.open(shard, "r:") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                key, ext = _split_name(member.name)
-                samples.setdefault(key, {})[ext] = member
-    except tarfile.TarError as exc:
-        raise ValueError(f"images.paths: {shard} is not a readable tar shard ({exc}); remove or rebuild it") from exc
+    with open(shard, "rb") as f:
+        members = _plain_tar_members(f, os.fstat(f.fileno()).st_size)
+    if members is None:
+        try:
+            with tarfile.open(shard, "r:") as tar:
+                members = [TarMember(m.name, m.offset_data, m.size) for m in tar if m.isfile()]
+        except tarfile.TarError as exc:
+            raise ValueError(f"images.paths: {shard} is not a readable tar shard ({exc}); remove or rebuild it") from exc
+    samples: dict[str, dict[str, TarMember]] = {}
+    for member in members:
+        key, ext = _split_name(member.name)
+        samples.setdefault(key, {})[ext] = member
     return list(samples.items())  # dicts keep first-seen order
 
 
-def image_member(parts: dict[str, tarfile.TarInfo]) -> Optional[tarfile.TarInfo]:
+def image_member(parts: dict[str, TarMember]) -> Optional[TarMember]:
     """The sample's image member (the first of IMAGE_EXTENSIONS present), or None."""
     return next((parts[e] for e in IMAGE_EXTENSIONS if e in parts), None)
 
@@ -153,12 +203,8 @@ def index_folder(paths: Sequence[str]) -> list[ImageRecord]:
 # --------------------------------------------------------------------------- decoding
 
 
-def preprocess(image: Image.Image, size: int) -> torch.Tensor:
-    """Resize the shorter side to `size` (bicubic), center-crop, scale to [-1, 1].
-
-    Returns:
-        float32 [3, size, size].
-    """
+def crop_uint8(image: Image.Image, size: int) -> np.ndarray:
+    """Resize the shorter side to `size` (bicubic) and center-crop: uint8 [size, size, 3] RGB."""
     image = image.convert("RGB")
     w, h = image.size
     scale = size / min(w, h)
@@ -167,8 +213,29 @@ def preprocess(image: Image.Image, size: int) -> torch.Tensor:
         image = image.resize((nw, nh), Image.BICUBIC)
         left, top = (nw - size) // 2, (nh - size) // 2
         image = image.crop((left, top, left + size, top + size))
-    array = np.asarray(image, dtype=np.uint8)
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
+    return np.asarray(image, dtype=np.uint8)
+
+
+def normalize(images: Union[np.ndarray, torch.Tensor]) -> torch.Tensor:
+    """uint8 [..., S, S, 3] -> float32 [..., 3, S, S] in [-1, 1], on the input's device.
+
+    A whole batch in one call is cheaper than image by image; on a GPU, moving uint8 there
+    first also moves 4x fewer bytes.
+    """
+    if isinstance(images, np.ndarray):
+        if not (images.flags.writeable and images.flags.c_contiguous):  # PIL's arrays are read-only views
+            images = np.array(images, order="C")
+        images = torch.from_numpy(images)
+    return images.movedim(-1, -3).float().div_(127.5).sub_(1.0)
+
+
+def preprocess(image: Image.Image, size: int) -> torch.Tensor:
+    """Resize the shorter side to `size` (bicubic), center-crop, scale to [-1, 1].
+
+    Returns:
+        float32 [3, size, size].
+    """
+    return normalize(crop_uint8(image, size))
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:

@@ -41,20 +41,27 @@ def _member_info(name: str, size: int) -> tarfile.TarInfo:
     return info
 
 
-# Offsets of the ustar header fields a member's header differs in (POSIX ustar layout).
-_NAME, _SIZE, _CHKSUM = slice(0, 100), slice(124, 136), slice(148, 155)
+# A member's ustar header differs from every other's only in name (bytes 0..100), size
+# (124..136) and checksum (148..156); the rest comes from one header tarfile made.
 _TEMPLATE = _member_info("x", 0).tobuf(tarfile.PAX_FORMAT)  # one 512-byte ustar block
+_MIDDLE, _TAIL = _TEMPLATE[100:124], _TEMPLATE[156:]
+_FIXED_SUM = sum(_MIDDLE) + sum(_TEMPLATE[136:148]) + 8 * ord(" ") + sum(_TAIL)  # the checksum field counts as spaces
 _MAX_SIZE = 8 ** 11  # sizes from here on need a pax record
+
+
+def _ustar_header(name: bytes, size: int) -> bytes:
+    size_field = b"%011o\0" % size
+    checksum = _FIXED_SUM + sum(name) + sum(size_field)
+    return b"".join((name.ljust(100, b"\0"), _MIDDLE, size_field, _TEMPLATE[136:148], b"%06o\0 " % checksum, _TAIL))
 
 
 class TarBuilder:
     """A tar built in memory member by member: the bytes of `tarfile` in PAX format.
 
     Members carry fixed metadata (mtime 0, uid/gid 0, mode 0444), so equal members give equal
-    bytes. Headers of short ASCII names are made by filling name, size and checksum into one
-    template block, which is several times faster than `tarfile` (the hot path of extraction);
-    any other name goes through `tarfile` itself. tests/data/test_token_shards.py checks the
-    bytes against `tarfile`.
+    bytes. Headers of short ASCII names are assembled from one template header, several
+    times faster than `tarfile` (the hot path of extraction); any other name goes through
+    `tarfile` itself. tests/data/test_token_shards.py checks the bytes against `tarfile`.
     """
 
     def __init__(self):
@@ -63,23 +70,18 @@ class TarBuilder:
 
     def add(self, name: str, payload: bytes) -> None:
         if len(name) <= 100 and name.isascii() and len(payload) < _MAX_SIZE:
-            header = bytearray(_TEMPLATE)
-            header[_NAME] = name.encode("ascii").ljust(100, b"\0")
-            header[_SIZE] = b"%011o\0" % len(payload)
-            header[148:156] = b" " * 8  # the checksum counts its own field as spaces
-            header[_CHKSUM] = b"%06o\0" % sum(header)
-            header = bytes(header)
+            header = _ustar_header(name.encode("ascii"), len(payload))
         else:
             header = _member_info(name, len(payload)).tobuf(tarfile.PAX_FORMAT, tarfile.ENCODING, "surrogateescape")
         pad = -len(payload) % tarfile.BLOCKSIZE
-        self._chunks += (header, payload, b"\0" * pad)
+        self._chunks += (header, payload, bytes(pad))
         self._size += len(header) + len(payload) + pad
 
     def getvalue(self) -> bytes:
         """The finished archive: two zero blocks, then zeros up to a whole 10240-byte record."""
         end = 2 * tarfile.BLOCKSIZE
         end += -(self._size + end) % tarfile.RECORDSIZE
-        return b"".join(self._chunks) + b"\0" * end
+        return b"".join(self._chunks) + bytes(end)
 
 
 def tar_bytes(samples: Iterable[tuple[str, dict[str, bytes]]]) -> bytes:

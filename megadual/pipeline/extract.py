@@ -2,9 +2,13 @@
 
 Shapes: B batch, S image side, T visual positions (grid^2), R residual depth.
 
-    images [B,3,S,S] (decoded in DataLoader workers) -> DualTokenizer.encode -> pixel, semantic codes [B,T,R]
-    captions -> text tokenizer -> text ids [L]
-    -> one output token shard per input shard (megadual.data.shard_writer), then manifest.json
+    input shards -> index, decode, text ids (DataLoader workers, `extract_batches.py`)
+    -> uint8 images [B,S,S,3] -> normalize + DualTokenizer.encode (this thread) -> pixel, semantic codes [B,T,R]
+    -> token shards serialized and written on a writer thread (`extract_loop.py`), one output
+       shard per input shard, then manifest.json
+
+`extract_tokens(opts, timings)` also reports the fixed per-run costs (setup, tail) apart from
+the steady-state images/s (`benchmarks/extract.py` compares the latter with bare encode).
 
 Work and resume are per input shard. Input shard i (in `list_input_shards` order) becomes
 `tokens-<i>.tar` and belongs to rank i % world_size, so ranks never share work and need no
@@ -30,14 +34,15 @@ import time
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
-import numpy as np
 import torch
 
-from megadual.data.shard_writer import write_atomic, write_manifest, write_shard
+from megadual.data.shard_writer import ShardBuilder, write_atomic, write_manifest
 from megadual.data.text_tokenizers import BYTES
-from megadual.data.token_shards import Manifest, ShardEntry, TokenSample
+from megadual.data.token_shards import Manifest, ShardEntry
 
-from .extract_inputs import InputDataset, InputShard, collate, index, list_input_shards
+from .extract_batches import ShardBatches
+from .extract_inputs import InputShard, list_input_shards
+from .extract_loop import encode_shards
 
 logger = logging.getLogger(__name__)
 
@@ -156,11 +161,11 @@ def _read_part(out: str, i: int, shard: InputShard, template: Manifest) -> Optio
     return part
 
 
-def _finish_shard(out: str, i: int, shard: InputShard, samples: list[TokenSample], skipped: list[dict],
+def _finish_shard(out: str, i: int, shard: InputShard, samples: ShardBuilder, skipped: list[dict],
                   template: Manifest) -> None:
     """Write the tar (if any sample survived) and then, as the completion mark, the part record."""
-    if samples:
-        write_shard(os.path.join(out, shard_name(i)), samples)
+    if len(samples):
+        samples.write(os.path.join(out, shard_name(i)))
     part = {
         "source": shard.source, "shard": shard_name(i), "num_samples": len(samples), "skipped": skipped,
         "tokenizer_checkpoint_sha256": template.tokenizer_checkpoint_sha256,
@@ -212,8 +217,12 @@ def _skip(opts: ExtractOptions, entry: dict[str, str]) -> dict[str, str]:
     return entry
 
 
-def extract_tokens(opts: ExtractOptions) -> Optional[Manifest]:
+def extract_tokens(opts: ExtractOptions, timings: Optional[dict] = None) -> Optional[Manifest]:
     """Run the extraction on this rank (all ranks of a launch call it).
+
+    Args:
+        timings: if given, filled with this rank's wall times in seconds (see `_timings`):
+            setup_s, steady_s, steady_images, tail_s, total_s, images.
 
     Returns:
         The merged manifest on rank 0, None on the other ranks.
@@ -225,6 +234,7 @@ def extract_tokens(opts: ExtractOptions) -> Optional[Manifest]:
     """
     from megadual.models.vision.tokenizer import DualTokenizer
 
+    started = time.perf_counter()
     opts.check()
     rank, world, launch_device = _rank_world()
     device = torch.device(opts.device) if opts.device else (
@@ -245,91 +255,71 @@ def extract_tokens(opts: ExtractOptions) -> Optional[Manifest]:
     )
     os.makedirs(os.path.join(opts.out, PARTS_DIR), exist_ok=True)
 
-    # This rank's unfinished shards, indexed; unreadable tars and shards with no usable sample
-    # are finished at once (all skipped).
-    work: list[int] = []  # global shard index of each work position
-    index_skipped: list[list[dict]] = []  # per work position: samples without image or caption
-    items = []
-    batches: list[list[int]] = []
+    work: list[int] = []  # global index of each of this rank's unfinished shards
     for i in range(rank, len(shards), world):
-        if _read_part(opts.out, i, shards[i], template) is not None:
-            continue
-        _remove_stale_temps(opts.out, i)
-        try:
-            samples, skipped = index(shards[i])
-        except ValueError as exc:
-            _finish_shard(opts.out, i, shards[i], [], [_skip(opts, {"source": shards[i].source, "reason": str(exc)})],
-                          template)
-            continue
-        skipped = [_skip(opts, entry) for entry in skipped]
-        if not samples:
-            _finish_shard(opts.out, i, shards[i], [], skipped, template)
-            continue
-        start = len(items)
-        items.extend((len(work), key, source, rec) for key, source, rec in samples)
-        batches.extend(list(range(b, min(b + opts.batch_size, len(items)))) for b in range(start, len(items), opts.batch_size))
-        work.append(i)
-        index_skipped.append(skipped)
-    logger.info("rank %d/%d: %d input shard(s) to extract (%d images), %d already done", rank, world, len(work),
-                len(items), len(range(rank, len(shards), world)) - len(work))
-
-    if items:
-        _run(opts, tokenizer, device, shards, work, index_skipped, items, batches, template, rank, world)
+        if _read_part(opts.out, i, shards[i], template) is None:
+            _remove_stale_temps(opts.out, i)
+            work.append(i)
+    logger.info("rank %d/%d: %d input shard(s) to extract, %d already done", rank, world, len(work),
+                len(range(rank, len(shards), world)) - len(work))
+    loop = _run(opts, tokenizer, device, shards, work, template, rank, world) if work else None
     if world > 1:
         torch.distributed.barrier()
-    if rank != 0:
-        return None
-    manifest = merge_manifest(opts.out, shards, template)
-    logger.info("wrote %s: %d samples in %d shard(s), %d input(s) skipped", opts.out, manifest.num_samples,
-                len(manifest.shards), len(manifest.skipped))
+    manifest = merge_manifest(opts.out, shards, template) if rank == 0 else None
+    if timings is not None:
+        timings.update(_timings(started, loop, time.perf_counter()))
+    if manifest is not None:
+        logger.info("wrote %s: %d samples in %d shard(s), %d input(s) skipped", opts.out, manifest.num_samples,
+                    len(manifest.shards), len(manifest.skipped))
     return manifest
 
 
+def _timings(started: float, loop: Optional[dict], ended: float) -> dict:
+    """Split a run's wall time into fixed costs and the steady state.
+
+    setup_s: start -> first batch ready (model load, hashing, listing, worker start, first
+    decode). steady_s / steady_images: from the first batch handed to the writer to the last,
+    and the input samples encoded in between (the first batch's are not: its encode includes
+    warm-up). tail_s: after the last encode (writing what is still queued, the barrier, the
+    manifest). A run with nothing to do, or a single batch, has no steady state (steady_s 0).
+    """
+    out = {"total_s": ended - started, "images": 0, "setup_s": ended - started, "steady_s": 0.0,
+           "steady_images": 0, "tail_s": 0.0}
+    if loop is None or loop["first_batch_at"] is None:
+        return out
+    out.update(images=loop["images"], setup_s=loop["first_batch_at"] - started,
+               tail_s=ended - loop["last_encode_at"])
+    if loop["images"] > loop["first_images"]:
+        out.update(steady_s=loop["last_encode_at"] - loop["first_encoded_at"],
+                   steady_images=loop["images"] - loop["first_images"])
+    return out
+
+
 def _run(opts: ExtractOptions, tokenizer, device: torch.device, shards: Sequence[InputShard], work: list[int],
-         index_skipped: list[list[dict]], items: list, batches: list[list[int]], template: Manifest, rank: int,
-         world: int) -> None:
-    """Decode (workers) -> encode (here) -> write each shard as soon as its last batch is done."""
+         template: Manifest, rank: int, world: int) -> dict:
+    """Index + decode (DataLoader workers) -> encode (here) -> write (writer thread); returns the loop's times."""
     from tqdm import tqdm
 
-    dataset = InputDataset(items, tokenizer.image_size, opts.text_tokenizer)
+    dataset = ShardBatches([shards[i] for i in work], tokenizer.image_size, opts.text_tokenizer, opts.batch_size)
     loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=batches, num_workers=opts.num_workers, collate_fn=collate,
+        dataset, batch_size=None, num_workers=opts.num_workers, collate_fn=ShardBatches.collate_fn,
         pin_memory=device.type == "cuda", prefetch_factor=4 if opts.num_workers else None,
     )
-    batches_left = [0] * len(work)
-    for b in batches:
-        batches_left[items[b[0]][0]] += 1
-    # Skipped entries: those found while indexing, then those found while decoding (each in input order).
-    pending: dict[int, tuple[list[TokenSample], list[dict]]] = {pos: ([], list(index_skipped[pos]))
-                                                               for pos in range(len(work))}
-    bar = tqdm(total=len(items), unit="img", desc=f"extract (rank {rank}/{world})", disable=not opts.show_progress or rank != 0)
-    started = time.perf_counter()
-    for batch in loader:
-        pos = batch.items[0].shard
-        samples, skipped = pending[pos]
-        good = [batch.items[j] for j in batch.good]
-        for it in batch.items:
-            if it.reason:
-                skipped.append(_skip(opts, {"source": shards[work[pos]].source, "key": it.source_key, "reason": it.reason}))
-        if good:
-            images = batch.images.to(device, non_blocking=True)
-            pixel, semantic = tokenizer.encode(images)  # [B, T, R] int64 each
-            pixel = pixel.to(torch.int32).cpu().numpy().astype(np.uint16)
-            semantic = semantic.to(torch.int32).cpu().numpy().astype(np.uint16)
-            for j, it in enumerate(good):
-                samples.append(TokenSample(
-                    key=it.key, caption=it.caption, text_ids=np.asarray(it.text_ids, dtype=np.int32),
-                    pixel_codes=pixel[j], semantic_codes=semantic[j], image_size=it.image_size,
-                    source_key=it.source_key,
-                ))
-        bar.update(len(batch.items))
-        batches_left[pos] -= 1
-        if batches_left[pos] == 0:
-            samples, skipped = pending.pop(pos)
-            _finish_shard(opts.out, work[pos], shards[work[pos]], samples, skipped, template)
-    bar.close()
-    elapsed = time.perf_counter() - started
-    logger.info("rank %d: %d images in %.1f s (%.1f images/s)", rank, len(items), elapsed, len(items) / max(elapsed, 1e-9))
+
+    def finish(pos: int, samples, skipped: list[dict]) -> None:  # on the writer thread
+        _finish_shard(opts.out, work[pos], shards[work[pos]], samples, skipped, template)
+
+    bar = tqdm(unit="img", desc=f"extract (rank {rank}/{world})", disable=not opts.show_progress or rank != 0)
+    try:
+        times = encode_shards(loader, tokenizer, device, lambda entry: _skip(opts, entry), finish,
+                              lambda pos: shards[work[pos]].source, bar.update)
+    finally:
+        bar.close()
+    if times["first_batch_at"] is not None:
+        elapsed = times["drained_at"] - times["first_batch_at"]
+        logger.info("rank %d: %d images in %.1f s after the first batch (%.1f images/s)", rank, times["images"],
+                    elapsed, times["images"] / max(elapsed, 1e-9))
+    return times
 
 
 def main(args) -> int:

@@ -1,12 +1,10 @@
-"""Raw inputs of token extraction: which input shards there are, and decoding their samples.
-
-Shapes: S image side; an image is float32 [3, S, S] in [-1, 1] (see megadual.data.images).
+"""Raw inputs of token extraction: which input shards there are, and which samples each holds.
 
 An *input shard* is the unit of work and of resume: one webdataset tar, or one chunk of
 `folder_shard_size` consecutive (sorted) image files of a folder. Each input shard becomes
-exactly one output token shard. Decoding happens in DataLoader workers (`InputDataset`), so
-the tokenizer forward in the main process is the bottleneck; a sample that cannot be decoded
-comes back as an item with `image=None` and the reason, never an exception.
+exactly one output token shard. Indexing a shard (`index`) and decoding its samples happen in
+DataLoader workers (`extract_batches.py`), so the tokenizer forward in the main process is the
+bottleneck.
 
 A usable sample has an image and a non-empty caption. Samples that lack one (a caption with no
 image, an image with no caption, a key with neither) are found while indexing and returned as
@@ -15,16 +13,11 @@ image, an image with no caption, a key with neither) are found while indexing an
 
 from __future__ import annotations
 
-import io
 import os
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
-import torch
-from PIL import Image
-
-from megadual.data.images import IMAGE_EXTENSIONS, ImageRecord, image_member, index_folder, preprocess, tar_samples
-from megadual.data.text_tokenizers import load_text_tokenizer
+from megadual.data.images import IMAGE_EXTENSIONS, ImageRecord, image_member, index_folder, tar_samples
 
 FORMATS = ("auto", "webdataset", "folder")
 
@@ -196,96 +189,3 @@ def index(shard: InputShard) -> tuple[list[tuple[str, str, ImageRecord]], list[d
         seen[key] = n + 1
         unique.append((key if n == 0 else f"{key}_{n}", source, rec))
     return unique, skipped
-
-
-@dataclass
-class InputItem:
-    """A decoded sample, or a corrupt one (image None, `reason` set)."""
-
-    shard: int  # position of its shard in this rank's work list
-    key: str
-    source_key: str
-    image: Optional[torch.Tensor]  # [3, S, S] float32 in [-1, 1]
-    image_size: tuple[int, int]  # source (height, width)
-    caption: str
-    text_ids: list[int]
-    reason: str = ""
-
-
-def _read(path: str, offset: Optional[int], size: Optional[int]) -> bytes:
-    with open(path, "rb") as f:
-        if offset is None:
-            return f.read()
-        f.seek(offset)
-        data = f.read(size)
-    if size is not None and len(data) != size:
-        raise EOFError(f"member needs {size} bytes, the tar ends after {len(data)} (truncated shard)")
-    return data
-
-
-class InputDataset(torch.utils.data.Dataset):
-    """Flat list of (shard position, key, source key, record): decodes image, caption and text ids.
-
-    Args:
-        items: the samples of this rank's pending shards, in output order.
-        image_size: S, the tokenizer's input side.
-        text_tokenizer: spec for `load_text_tokenizer` ("bytes" or a local HF directory);
-            loaded lazily so each DataLoader worker builds its own.
-    """
-
-    def __init__(self, items: Sequence[tuple[int, str, str, ImageRecord]], image_size: int, text_tokenizer: str):
-        self.items, self.image_size, self.text_spec = list(items), image_size, text_tokenizer
-        self._text: Any = None
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int) -> InputItem:
-        shard, key, source_key, rec = self.items[i]
-        # The caption first: it is cheap, and a sample without one is skipped undecoded.
-        try:
-            if rec.caption_member is not None:
-                caption = _read(rec.path, *rec.caption_member).decode("utf-8", errors="replace").strip()
-            else:
-                assert rec.caption_path is not None, "index() lists samples without a caption as skipped"
-                with open(rec.caption_path, encoding="utf-8", errors="replace") as f:
-                    caption = f.read().strip()
-        except (OSError, EOFError) as exc:
-            return InputItem(shard, key, source_key, None, (0, 0), "", [], f"caption unreadable: {exc}")
-        if not caption:
-            return InputItem(shard, key, source_key, None, (0, 0), "", [], "empty caption: the .txt holds no text")
-        try:
-            with Image.open(io.BytesIO(_read(rec.path, rec.offset, rec.size))) as img:
-                img.load()  # decode now: a truncated image fails here
-                size = (img.height, img.width)
-                image = preprocess(img, self.image_size)
-        except Exception as exc:  # noqa: BLE001 - any decoder failure makes the sample corrupt
-            return InputItem(shard, key, source_key, None, (0, 0), "", [], f"{type(exc).__name__}: {exc}")
-        if self._text is None:
-            self._text = load_text_tokenizer(self.text_spec)
-        return InputItem(shard, key, source_key, image, size, caption, self._text.encode(caption))
-
-
-@dataclass
-class InputBatch:
-    """One batch as a worker hands it over.
-
-    Attributes:
-        items: every sample of the batch, corrupt ones included, their `image` cleared.
-        images: [B', 3, S, S] the decodable images, in `items` order (None if there is none):
-            stacked in the worker so one shared-memory tensor crosses the process boundary.
-        good: indices into `items` of the rows of `images`.
-    """
-
-    items: list[InputItem]
-    images: Optional[torch.Tensor]
-    good: list[int]
-
-
-def collate(items: list[InputItem]) -> InputBatch:
-    """Stack the decodable images of a batch (runs in the DataLoader worker)."""
-    good = [j for j, it in enumerate(items) if it.image is not None]
-    images = torch.stack([items[j].image for j in good]) if good else None
-    for it in items:
-        it.image = None
-    return InputBatch(items, images, good)

@@ -3,6 +3,7 @@ counted (or fatal); the loader splits ranks disjointly and resumes exactly."""
 
 import io
 import logging
+import os
 import tarfile
 
 import pytest
@@ -10,8 +11,8 @@ import torch
 from PIL import Image
 
 from megadual.config import ImageDataConfig
-from megadual.data.images import (ImageBatchLoader, RecordDataset, build_image_dataset, index_folder, index_shards,
-                                  preprocess)
+from megadual.data.images import (ImageBatchLoader, RecordDataset, TarMember, _plain_tar_members, build_image_dataset,
+                                  index_folder, index_shards, preprocess, tar_samples)
 from megadual.data.synthetic_images import synthetic_sample, write_synthetic_shards
 
 
@@ -94,3 +95,47 @@ def test_ranks_are_disjoint_and_resume_is_exact():
     resumed = ImageBatchLoader(ds, batch_size=2, rank=0, world_size=2, seed=5, num_workers=1)
     resumed.load_state_dict(state)
     assert state["epoch"] == 1 and [next(resumed)["keys"] for _ in range(4)] == expected
+
+
+def _tarfile_members(path):
+    with tarfile.open(path, "r:") as tar:
+        return [TarMember(m.name, m.offset_data, m.size) for m in tar if m.isfile()]
+
+
+def _tar(path, members, fmt=tarfile.PAX_FORMAT, directory=None):
+    with tarfile.open(path, "w", format=fmt) as tar:
+        if directory:
+            info = tarfile.TarInfo(directory)
+            info.type = tarfile.DIRTYPE
+            tar.addfile(info)
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_tar_samples_reads_what_tarfile_reads(tmp_path):
+    files = [("a.png", b"x" * 700), ("a.txt", b"cap"), ("b.png", b""), ("b.txt", b"y" * 512)]
+    plain = {
+        "synthetic": write_synthetic_shards(str(tmp_path / "synth"), num=5, size=16, shard_size=5)[0],
+        "ustar": _tar(str(tmp_path / "u.tar"), files, tarfile.USTAR_FORMAT),
+        "directory": _tar(str(tmp_path / "d.tar"), [("dir/" + n, d) for n, d in files], directory="dir"),
+        "prefix": _tar(str(tmp_path / "p.tar"), [("p" * 90 + "/" + "q" * 60 + ".txt", b"long path")],
+                       tarfile.USTAR_FORMAT),
+    }
+    other = {  # read by tarfile: a pax record, GNU headers
+        "pax": _tar(str(tmp_path / "x.tar"), [("n" * 120 + ".txt", b"needs a pax record")] + files),
+        "gnu": _tar(str(tmp_path / "g.tar"), files, tarfile.GNU_FORMAT),
+    }
+    for name, path in {**plain, **other}.items():
+        expected = _tarfile_members(path)
+        with open(path, "rb") as f:
+            fast = _plain_tar_members(f, os.path.getsize(path))
+        assert (fast is not None) == (name in plain), name  # the fast path runs where it should
+        got = [m for _, parts in tar_samples(path) for m in parts.values()]
+        assert sorted(got) == sorted(expected) and expected, name
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(open(plain["ustar"], "rb").read()[:600])  # inside the first member's data
+    with open(cut, "rb") as f:
+        assert _plain_tar_members(f, 600) is None  # tarfile decides about a cut tar

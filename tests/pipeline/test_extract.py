@@ -143,8 +143,13 @@ def test_corrupt_inputs_are_skipped_and_listed(tmp_path, tokenizer_dir, raw_dir)
     listed = {(s["source"], s.get("key")) for s in manifest.skipped}
     assert listed == {("b-mixed.tar", "b-mixed.tar:bad"), ("b-mixed.tar", "b-mixed.tar:cut"), ("c-garbage.tar", None)}
     assert all(s["reason"] for s in manifest.skipped)
-    with pytest.raises(ValueError, match="unusable input c-garbage.tar.*on-corrupt skip"):
+    # on_corrupt="raise" stops at the first unusable input in input order (shards are indexed as
+    # they are extracted): a bad sample, or a whole unreadable shard.
+    with pytest.raises(ValueError, match="unusable input b-mixed.tar, sample 'b-mixed.tar:bad'.*on-corrupt skip"):
         extract_tokens(_opts(str(raw), str(tmp_path / "strict"), tokenizer_dir, on_corrupt="raise"))
+    os.unlink(raw / "b-mixed.tar")
+    with pytest.raises(ValueError, match="unusable input c-garbage.tar: .*not a readable tar.*on-corrupt skip"):
+        extract_tokens(_opts(str(raw), str(tmp_path / "strict2"), tokenizer_dir, on_corrupt="raise"))
 
 
 def test_samples_without_image_or_caption_are_skipped_and_listed(tmp_path, tokenizer_dir, raw_dir):
@@ -227,6 +232,17 @@ def test_two_ranks_split_shards_and_match_one_rank(tmp_path, tokenizer_dir, raw_
     results = run_distributed(_two_rank_body, world_size=2, timeout=90, args=(raw_dir, two, tokenizer_dir))
     assert results == [([0, 2], True), ([1], False)]  # shard i belongs to rank i % 2; rank 0 writes the manifest
     assert _tar_bytes(two) == _tar_bytes(one)
+
+
+def test_decode_workers_split_shards_and_change_no_byte(tmp_path, tokenizer_dir, raw_dir):
+    # Worker w of 2 indexes and decodes shards w, w + 2; their batches interleave on arrival.
+    one, two = str(tmp_path / "zero-workers"), str(tmp_path / "two-workers")
+    extract_tokens(_opts(raw_dir, one, tokenizer_dir, batch_size=5, num_workers=0))
+    timings = {}
+    extract_tokens(_opts(raw_dir, two, tokenizer_dir, batch_size=5, num_workers=2), timings)
+    assert _tar_bytes(two) == _tar_bytes(one) and len(_tar_bytes(one)) == 4  # 3 shards + manifest
+    assert timings["images"] == 36 and timings["steady_images"] == 31  # all but the first batch of 5
+    assert 0 < timings["steady_s"] < timings["total_s"] and timings["setup_s"] > 0
 
 
 def test_rerun_restores_missing_manifest_and_rejects_other_tokenizer(tmp_path, tokenizer_dir, raw_dir):
