@@ -221,8 +221,8 @@ def extract_tokens(opts: ExtractOptions, timings: Optional[dict] = None) -> Opti
     """Run the extraction on this rank (all ranks of a launch call it).
 
     Args:
-        timings: if given, filled with this rank's wall times in seconds (see `_timings`):
-            setup_s, steady_s, steady_images, tail_s, total_s, images.
+        timings: if given, filled with this rank's times in seconds (see `_timings`):
+            setup_s, steady_s, steady_images, tail_s, total_s, images, steady_cpu_s, writer_cpu_s.
 
     Returns:
         The merged manifest on rank 0, None on the other ranks.
@@ -282,16 +282,19 @@ def _timings(started: float, loop: Optional[dict], ended: float) -> dict:
     and the input samples encoded in between (the first batch's are not: its encode includes
     warm-up). tail_s: after the last encode (writing what is still queued, the barrier, the
     manifest). A run with nothing to do, or a single batch, has no steady state (steady_s 0).
+    steady_cpu_s: the main thread's CPU seconds in the steady state (the forward and the
+    hand-over of batches); writer_cpu_s: the writer thread's, whole run.
     """
     out = {"total_s": ended - started, "images": 0, "setup_s": ended - started, "steady_s": 0.0,
-           "steady_images": 0, "tail_s": 0.0}
+           "steady_images": 0, "tail_s": 0.0, "steady_cpu_s": 0.0, "writer_cpu_s": 0.0}
     if loop is None or loop["first_batch_at"] is None:
         return out
     out.update(images=loop["images"], setup_s=loop["first_batch_at"] - started,
                tail_s=ended - loop["last_encode_at"])
     if loop["images"] > loop["first_images"]:
         out.update(steady_s=loop["last_encode_at"] - loop["first_encoded_at"],
-                   steady_images=loop["images"] - loop["first_images"])
+                   steady_images=loop["images"] - loop["first_images"], steady_cpu_s=loop["steady_cpu_s"])
+    out["writer_cpu_s"] = loop["writer_cpu_s"]
     return out
 
 

@@ -80,7 +80,8 @@ def encode_shards(batches: Iterable[InputBatch], tokenizer, device: torch.device
         Times from `time.perf_counter()`: first_batch_at (the first batch is ready),
         first_encoded_at / last_encode_at (the first / last batch is handed to the writer),
         drained_at (every shard is written); images (input samples) and first_images (those
-        of the first batch).
+        of the first batch); steady_cpu_s, this thread's CPU seconds from the first to the last
+        batch handed over, and writer_cpu_s, the writer thread's.
 
     Raises:
         Whatever `skip`, the tokenizer or the writer thread raised; the shards already
@@ -88,7 +89,9 @@ def encode_shards(batches: Iterable[InputBatch], tokenizer, device: torch.device
     """
     assembler = _ShardAssembler(finish)
     jobs = JobThread(max_pending, name="extract-writer")
-    times = {"first_batch_at": None, "first_encoded_at": None, "last_encode_at": None, "images": 0, "first_images": 0}
+    times = {"first_batch_at": None, "first_encoded_at": None, "last_encode_at": None, "images": 0, "first_images": 0,
+             "steady_cpu_s": 0.0}
+    first_cpu = 0.0
     try:
         for batch in batches:
             if times["first_batch_at"] is None:
@@ -105,14 +108,15 @@ def encode_shards(batches: Iterable[InputBatch], tokenizer, device: torch.device
             if batch.last:
                 jobs.submit(assembler.finish, batch.shard)
             times["images"] += len(batch.items)
-            times["last_encode_at"] = time.perf_counter()
+            times["last_encode_at"], cpu = time.perf_counter(), time.thread_time()
             if times["first_encoded_at"] is None:
-                times["first_encoded_at"] = times["last_encode_at"]
+                times["first_encoded_at"], first_cpu = times["last_encode_at"], cpu
+            times["steady_cpu_s"] = cpu - first_cpu
             if progress is not None:
                 progress(len(batch.items))
     except BaseException:
         jobs.close(raise_errors=False)  # complete shards already queued still get written
         raise
     jobs.close()
-    times["drained_at"] = time.perf_counter()
+    times["drained_at"], times["writer_cpu_s"] = time.perf_counter(), jobs.cpu_s
     return times

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from typing import Any, Callable, Optional
 
 _STOP = object()
@@ -39,13 +40,16 @@ class JobThread:
         self._queue: queue.Queue = queue.Queue(maxsize=max_pending)
         self._error: Optional[BaseException] = None
         self._closed = False
+        self.cpu_s = 0.0  # CPU seconds the thread used, set when it stops
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
     def _loop(self) -> None:
+        started = time.thread_time()
         while True:
             job = self._queue.get()
             if job is _STOP:
+                self.cpu_s = time.thread_time() - started
                 return
             if self._error is None:  # after a failure, drain without running
                 fn, args = job
