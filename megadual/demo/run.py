@@ -47,7 +47,8 @@ STAGE_TIMEOUT_S = 3600
 
 @dataclass(frozen=True)
 class DemoPlan:
-    """Stage sizes: the full run (under 15 minutes on 2 cores) or the --quick smoke run."""
+    """Stage sizes: the full run (21 min measured on 2 shared cores, docs/demo_tuning.md) or the
+    --quick smoke run."""
 
     train_images: int
     held_out_images: int
@@ -62,6 +63,11 @@ QUICK = DemoPlan(train_images=256, held_out_images=12, tokenizer_steps=20, mllm_
 def repo_path(path: str) -> str:
     """A path inside the repository, wherever the demo is started from."""
     return os.path.join(REPO_ROOT, path)
+
+
+def _read(path: str) -> str:
+    with open(path, encoding="utf-8") as f:
+        return f.read()
 
 
 def _metrics(run_dir: str) -> list[dict]:
@@ -206,7 +212,7 @@ def run_demo(out_dir: str, quick: bool = False, force: bool = False) -> dict:
     plan = QUICK if quick else FULL
     os.makedirs(out_dir, exist_ok=True)
     stages = StageRunner(out_dir, force=force)
-    tok_cfg, mllm_cfg = (open(repo_path(p), encoding="utf-8").read() for p in (TOKENIZER_CONFIG, MLLM_CONFIG))
+    tok_cfg, mllm_cfg = (_read(repo_path(p)) for p in (TOKENIZER_CONFIG, MLLM_CONFIG))
     data = stages.run("data", "synthetic shapes: training and held-out images", asdict(plan), [],
                       lambda d: make_data(d, plan))
     tokenizer = stages.run("tokenizer", f"DualToken tokenizer, {RANKS} ranks (deepspeed)",
