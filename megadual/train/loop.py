@@ -25,7 +25,7 @@ from megadual.config import Config, config_to_dict, dump_config
 from megadual.distributed.runtime import ProcessInfo, init_distributed
 from megadual.distributed.topology import Topology, plan_layout
 
-from .tracking import WandbTracker, plot_losses
+from .tracking import StepLog, plot_losses
 
 logger = logging.getLogger(__name__)
 
@@ -141,21 +141,19 @@ def run_loop(cfg: Config, job: TrainingJob, info: ProcessInfo, resume: bool, sho
     elif cfg.train.init_from:
         start_step = _continue_from_init(cfg.train.init_from, job)
 
-    metrics_path = os.path.join(run_dir, "metrics.jsonl")
+    total = cfg.train.steps
+    log = StepLog(run_dir, cfg.run.wandb_project, config_to_dict(cfg), is_writer, cfg.run.log_every, total)
 
     def save(step: int) -> None:
         # Collective: every rank writes its partitions; `latest` is updated once all are written.
         engine.save_checkpoint(checkpoint_root, tag=step_tag(step),
                                client_state={"loader": loader.state_dict(), "step": step})
         if is_writer:
-            metrics.flush()
-            plot_losses(metrics_path, os.path.join(run_dir, "loss.png"), job.plot_keys)
+            log.flush()
+            plot_losses(log.path, os.path.join(run_dir, "loss.png"), job.plot_keys)
 
-    total = cfg.train.steps
     losses: list[float] = []
     engine.train()
-    metrics = open(metrics_path, "a", encoding="utf-8") if is_writer else None
-    tracker = WandbTracker(cfg.run.wandb_project, run_dir, config_to_dict(cfg), enabled=is_writer)
     progress = tqdm(total=total, initial=start_step, desc=job.name, unit="step",
                     disable=not (show_progress and is_writer))
     try:
@@ -164,14 +162,10 @@ def run_loop(cfg: Config, job: TrainingJob, info: ProcessInfo, resume: bool, sho
             lr = engine.get_lr()[0]
             result = job.step([next(loader) for _ in range(cfg.train.grad_accum)])
             losses.append(result.loss)
-            if is_writer:
-                record = {"step": step + 1, "loss": result.loss, "lr": lr, "grad_norm": result.grad_norm,
-                          "tokens": job.tokens_per_step, "step_time": time.perf_counter() - started, **result.parts}
-                metrics.write(json.dumps(record) + "\n")
-                tracker.log(record)
-                if (step + 1) % cfg.run.log_every == 0 or step + 1 == total:
-                    metrics.flush()
-                    progress.set_postfix(loss=f"{result.loss:.3f}")
+            record = {"step": step + 1, "loss": result.loss, "lr": lr, "grad_norm": result.grad_norm,
+                      "tokens": job.tokens_per_step, "step_time": time.perf_counter() - started, **result.parts}
+            if log.write(record):
+                progress.set_postfix(loss=f"{result.loss:.3f}")
             progress.update(1)
             if cfg.train.save_every and (step + 1) % cfg.train.save_every == 0 and step + 1 < total:
                 save(step + 1)
@@ -179,9 +173,7 @@ def run_loop(cfg: Config, job: TrainingJob, info: ProcessInfo, resume: bool, sho
             save(total)
     finally:
         progress.close()
-        tracker.finish()
-        if metrics:
-            metrics.close()
+        log.close()
     write_rank_stats(run_dir, info.rank)
     return RunResult(
         run_dir=run_dir,

@@ -56,7 +56,7 @@ from .engine import param_groups
 from .loop import limit_threads, write_rank_stats, latest_step, step_tag
 from .schedule import lr_at
 from .tokenizer_loss import generator_loss
-from .tracking import WandbTracker
+from .tracking import StepLog
 from .visualize import save_codebook_usage, save_reconstruction_grid
 
 logger = logging.getLogger(__name__)
@@ -192,8 +192,7 @@ def train_tokenizer(cfg: Config, resume: bool = False, show_progress: bool = Tru
         return torch.func.functional_call(disc_module, params, (images,))
 
     total = tcfg.steps
-    metrics_file = open(os.path.join(run_dir, "metrics.jsonl"), "a", encoding="utf-8") if is_writer else None
-    tracker = WandbTracker(cfg.tokenizer_train.wandb_project, run_dir, config_to_dict(cfg), enabled=is_writer)
+    log = StepLog(run_dir, tcfg.wandb_project, config_to_dict(cfg), is_writer, cfg.run.log_every, total)
     progress = tqdm(total=total, initial=start_step, desc="train-tokenizer", unit="step",
                     disable=not (show_progress and is_writer))
     first: dict[str, Any] = {}
@@ -249,15 +248,11 @@ def train_tokenizer(cfg: Config, resume: bool = False, show_progress: bool = Tru
             record["step_time"] = time.perf_counter() - started
             if not first:
                 first = dict(record)
-            if is_writer:
-                metrics_file.write(json.dumps(record) + "\n")
-                tracker.log(record)
-                if (step + 1) % cfg.run.log_every == 0 or step + 1 == total:
-                    metrics_file.flush()
-                    progress.set_postfix(loss=f"{record['loss']:.3f}", psnr=f"{record['psnr']:.1f}",
-                                         use_p=f"{record['usage_pixel']:.2f}", use_s=f"{record['usage_semantic']:.2f}")
-                if tcfg.image_every and ((step + 1) % tcfg.image_every == 0 or step + 1 == total):
-                    _save_pictures(run_dir, step + 1, images, out.reconstruction, module)
+            if log.write(record):
+                progress.set_postfix(loss=f"{record['loss']:.3f}", psnr=f"{record['psnr']:.1f}",
+                                     use_p=f"{record['usage_pixel']:.2f}", use_s=f"{record['usage_semantic']:.2f}")
+            if is_writer and tcfg.image_every and ((step + 1) % tcfg.image_every == 0 or step + 1 == total):
+                _save_pictures(run_dir, step + 1, images, out.reconstruction, module)
             progress.update(1)
             if tcfg.save_every and (step + 1) % tcfg.save_every == 0 and step + 1 < total:
                 save(step + 1)
@@ -265,9 +260,7 @@ def train_tokenizer(cfg: Config, resume: bool = False, show_progress: bool = Tru
             save(total)
     finally:
         progress.close()
-        tracker.finish()
-        if metrics_file:
-            metrics_file.close()
+        log.close()
     if is_writer and start_step < total:
         module.save_pretrained(os.path.join(run_dir, "tokenizer"))
     write_rank_stats(run_dir, rank)

@@ -1,4 +1,4 @@
-"""Where a run's numbers go besides metrics.jsonl: wandb (opt-in) and PNG loss curves.
+"""Where a run's numbers go: metrics.jsonl, wandb (opt-in) and PNG loss curves.
 
 wandb runs on rank 0 only, offline unless WANDB_MODE says otherwise (no network needed;
 `wandb sync` uploads later). Loss curves are drawn from metrics.jsonl with matplotlib's
@@ -31,6 +31,42 @@ class WandbTracker:
     def finish(self) -> None:
         if self.run is not None:
             self.run.finish()
+
+
+class StepLog:
+    """One record per optimizer step into metrics.jsonl and wandb, on the writing rank only.
+
+    The file is appended to (a resumed run continues it) and flushed every `log_every` steps
+    and at the last step, so a reader sees whole lines without a flush per step.
+    """
+
+    def __init__(self, run_dir: str, wandb_project: Optional[str], config: dict[str, Any], enabled: bool,
+                 log_every: int, total_steps: int):
+        self.path = os.path.join(run_dir, "metrics.jsonl")
+        self._file = open(self.path, "a", encoding="utf-8") if enabled else None
+        self._tracker = WandbTracker(wandb_project, run_dir, config, enabled=enabled)
+        self._log_every, self._total = log_every, total_steps
+
+    def write(self, record: dict[str, Any]) -> bool:
+        """Append `record` (it has "step"); True when this step is a logging step on the writer."""
+        if self._file is None:
+            return False
+        self._file.write(json.dumps(record) + "\n")
+        self._tracker.log(record)
+        step = record["step"]
+        if step % self._log_every == 0 or step == self._total:
+            self._file.flush()
+            return True
+        return False
+
+    def flush(self) -> None:
+        if self._file is not None:
+            self._file.flush()
+
+    def close(self) -> None:
+        self._tracker.finish()
+        if self._file is not None:
+            self._file.close()
 
 
 def plot_losses(metrics_path: str, png_path: str, keys: Iterable[str] = ("loss",)) -> Optional[str]:
