@@ -108,8 +108,15 @@ def _shape_and_colour(labels: dict) -> dict:
     return {"shape": labels["shape"], "colour": labels["colour"]}
 
 
+def _judge(expected_labels: dict, seen: dict) -> Judged:
+    """Right when `seen` names the labels' shape and colour; the held-out caption rides along."""
+    expected = _shape_and_colour(expected_labels)
+    return Judged({**expected, "caption": expected_labels["caption"]}, seen,
+                  _shape_and_colour(seen) == expected)
+
+
 def read_back(images: list[Image.Image], held_out: HeldOut) -> Verdicts:
-    """`read_scene` on `images` (the held-out originals, or their reconstructions) against the labels.
+    """`read_scene` on `images` (originals, reconstructions or generations) against the held-out labels.
 
     On the originals it scores the checker itself; on reconstructions, whether the tokenizer
     keeps the shape and colour (which PSNR, dominated by the background, does not show).
@@ -117,24 +124,18 @@ def read_back(images: list[Image.Image], held_out: HeldOut) -> Verdicts:
     out = Verdicts()
     for image, labels in zip(images, held_out.labels):
         reading = read_scene(image)
-        seen = {"shape": reading.shape, "colour": reading.colour}
-        out.items.append(Judged(_shape_and_colour(labels), seen, seen == _shape_and_colour(labels)))
+        out.items.append(_judge(labels, {"shape": reading.shape, "colour": reading.colour}))
     return out
 
 
 def judge_generation(loaded: LoadedMLLM, held_out: HeldOut, batch_size: int = 16,
                      seed: int = 0) -> tuple[Verdicts, list[Image.Image]]:
     """Generate one image per held-out caption; right when `read_scene` finds its shape and colour."""
-    out, images = Verdicts(), []
+    images: list[Image.Image] = []
     for start in range(0, len(held_out.captions), batch_size):
         prompts = held_out.captions[start:start + batch_size]
         images += generate_images(loaded, prompts, seed=seed + start)
-    for image, labels in zip(images, held_out.labels):
-        reading = read_scene(image)
-        seen = {"shape": reading.shape, "colour": reading.colour}
-        expected = _shape_and_colour(labels)
-        out.items.append(Judged({**expected, "caption": labels["caption"]}, seen, seen == expected))
-    return out, images
+    return read_back(images, held_out), images
 
 
 def judge_captions(loaded: LoadedMLLM, held_out: HeldOut, batch_size: int = 32) -> Verdicts:
@@ -146,7 +147,5 @@ def judge_captions(loaded: LoadedMLLM, held_out: HeldOut, batch_size: int = 32) 
     for text, labels in zip(texts, held_out.labels):
         scene = parse_caption(text)
         seen = {"shape": scene.shape, "colour": scene.colour} if scene else {"shape": None, "colour": None}
-        expected = _shape_and_colour(labels)
-        out.items.append(Judged({**expected, "caption": labels["caption"]}, {**seen, "caption": text},
-                                seen == expected))
+        out.items.append(_judge(labels, {**seen, "caption": text}))
     return out
