@@ -47,8 +47,8 @@ STAGE_TIMEOUT_S = 3600
 
 @dataclass(frozen=True)
 class DemoPlan:
-    """Stage sizes: the full run (21 min measured on 2 shared cores, docs/demo_tuning.md) or the
-    --quick smoke run."""
+    """Stage sizes: the full run (sized for 15 minutes on 2 cores; measured in docs/demo_tuning.md)
+    or the --quick smoke run."""
 
     train_images: int
     held_out_images: int
@@ -56,7 +56,7 @@ class DemoPlan:
     mllm_steps: int
 
 
-FULL = DemoPlan(train_images=16384, held_out_images=128, tokenizer_steps=900, mllm_steps=1500)
+FULL = DemoPlan(train_images=16384, held_out_images=128, tokenizer_steps=600, mllm_steps=1000)
 QUICK = DemoPlan(train_images=256, held_out_images=12, tokenizer_steps=20, mllm_steps=20)
 
 
