@@ -213,7 +213,9 @@ def run_demo(out_dir: str, quick: bool = False, force: bool = False) -> dict:
     os.makedirs(out_dir, exist_ok=True)
     stages = StageRunner(out_dir, force=force)
     tok_cfg, mllm_cfg = (_read(repo_path(p)) for p in (TOKENIZER_CONFIG, MLLM_CONFIG))
-    data = stages.run("data", "synthetic shapes: training and held-out images", asdict(plan), [],
+    # Each stage is keyed by its own settings only: more unified-model steps must not redo the data.
+    data = stages.run("data", "synthetic shapes: training and held-out images",
+                      {"train_images": plan.train_images, "held_out_images": plan.held_out_images}, [],
                       lambda d: make_data(d, plan))
     tokenizer = stages.run("tokenizer", f"DualToken tokenizer, {RANKS} ranks (deepspeed)",
                            {"steps": plan.tokenizer_steps, "config": tok_cfg}, [data],

@@ -35,3 +35,27 @@ def test_quick_demo_runs_every_stage_and_reuses_them(tmp_path):
     assert again["reused"] == list(STAGES)
     assert {s: os.path.getmtime(os.path.join(out, s, MARKER)) for s in STAGES} == markers  # nothing redone
     assert again["evaluate"] == ev
+
+
+def test_a_plan_change_redoes_only_the_stages_it_touches(tmp_path, monkeypatch):
+    """More unified-model steps redo that stage and what reads it, not the data or the tokenizer."""
+    from megadual.demo import run
+
+    calls = []
+
+    def body(name):
+        def work(*args):
+            calls.append(name)
+            return {}
+        return work
+
+    for name in ("make_data", "train_tokenizer", "extract_tokens", "train_mllm", "export_hf", "evaluate"):
+        monkeypatch.setattr(run, name, body(name))
+    monkeypatch.setattr(run, "write_report", lambda out, *rest: os.path.join(out, "report.md"))
+    monkeypatch.setattr(run, "QUICK", run.DemoPlan(train_images=8, held_out_images=2, tokenizer_steps=1, mllm_steps=1))
+    run.run_demo(str(tmp_path), quick=True)
+    assert len(calls) == 6
+    calls.clear()
+    monkeypatch.setattr(run, "QUICK", run.DemoPlan(train_images=8, held_out_images=2, tokenizer_steps=1, mllm_steps=2))
+    run.run_demo(str(tmp_path), quick=True)
+    assert calls == ["train_mllm", "export_hf", "evaluate"]
