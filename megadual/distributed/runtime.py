@@ -8,6 +8,7 @@ DeepSpeed's communication backend: NCCL on GPUs, gloo on CPU.
 from __future__ import annotations
 
 import os
+import random
 import socket
 import sys
 from dataclasses import dataclass
@@ -23,11 +24,36 @@ class ProcessInfo:
     device: torch.device
 
 
-def free_port() -> int:
-    """A TCP port free right now (both launchers default to 29500, so concurrent runs collide)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _ephemeral_port_floor() -> int:
+    """The lowest port the kernel hands out for port-0 binds and outgoing connections."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range", encoding="ascii") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
+def free_port(attempts: int = 64) -> int:
+    """A TCP port free right now, for a launcher's rendezvous (both launchers default to 29500,
+    so concurrent runs collide).
+
+    Drawn below the ephemeral range on purpose: a port the kernel picked (a bind to port 0) is
+    free again once checked, and gloo's peer listeners and every outgoing connection draw from
+    that same range, so another job on the host could take it before the launcher binds it;
+    a random port below the range is only ever taken by someone asking for it by number.
+    """
+    high = _ephemeral_port_floor()
+    low = min(20000, high // 2)
+    rng = random.Random()  # not the global generator: runs that seed it must not share ports
+    for _ in range(attempts):
+        port = rng.randrange(low, high)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free TCP port in [{low}, {high}) after {attempts} tries; set MASTER_PORT (or --master_port) to one")
 
 
 def _skip_shm_comm_build() -> None:
