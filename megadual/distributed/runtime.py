@@ -53,7 +53,8 @@ def free_port(attempts: int = 64) -> int:
             except OSError:
                 continue
             return port
-    raise RuntimeError(f"no free TCP port in [{low}, {high}) after {attempts} tries; set MASTER_PORT (or --master_port) to one")
+    raise RuntimeError(f"no free TCP port in [{low}, {high}) after {attempts} tries; "
+                       "set MASTER_PORT (or --master_port) to one")
 
 
 def _skip_shm_comm_build() -> None:
