@@ -41,7 +41,7 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megadual.config import load_config  # noqa: E402
-from megadual.data.images import crop_uint8, index_shards, normalize  # noqa: E402
+from megadual.data.images import crop_uint8, index_shards, normalize, read_image_bytes  # noqa: E402
 from megadual.data.synthetic_images import write_synthetic_shards  # noqa: E402
 from megadual.models.vision.tokenizer import DualTokenizer  # noqa: E402
 from megadual.pipeline.extract import ExtractOptions, extract_tokens  # noqa: E402
@@ -56,10 +56,8 @@ def decode_all(raw: str, size: int) -> np.ndarray:
     bare encode sees the same memory layout after `normalize`)."""
     out = []
     for rec in index_shards([raw]):
-        with open(rec.path, "rb") as f:
-            f.seek(rec.offset)
-            with Image.open(io.BytesIO(f.read(rec.size))) as img:
-                out.append(crop_uint8(img, size))
+        with Image.open(io.BytesIO(read_image_bytes(rec))) as img:
+            out.append(crop_uint8(img, size))
     return np.stack(out)
 
 

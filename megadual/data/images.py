@@ -256,6 +256,11 @@ class ImageSample(NamedTuple):
     key: str
 
 
+def read_image_bytes(rec: ImageRecord) -> bytes:
+    """The encoded image bytes of a record (a whole file, or one member of a tar shard)."""
+    return _read(rec.path, rec.offset, rec.size)
+
+
 def _read(path: str, offset: Optional[int], size: Optional[int]) -> bytes:
     with open(path, "rb") as f:
         if offset is None:
@@ -277,7 +282,7 @@ class RecordDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> Union[ImageSample, CorruptSample]:
         rec = self.records[i]
         try:
-            with Image.open(io.BytesIO(_read(rec.path, rec.offset, rec.size))) as img:
+            with Image.open(io.BytesIO(read_image_bytes(rec))) as img:
                 img.load()  # decode now: a truncated file fails here, not later
                 tensor = preprocess(img, self.image_size)
         except Exception as exc:  # noqa: BLE001 - any decoder failure makes the sample corrupt
