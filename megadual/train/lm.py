@@ -55,6 +55,8 @@ def train_lm(cfg: Config, resume: bool = False, show_progress: bool = True) -> R
         step=lambda batches: train_step(lm, batches, topology),
         tokens_per_step=cfg.train.micro_batch_size * cfg.train.grad_accum * cfg.train.seq_len * topology.layout.dp,
         name="train-lm",
+        dp_rank=topology.dp_rank,
+        dp_size=topology.layout.dp,
     )
     return run_loop(cfg, job, info, resume, show_progress)
 

@@ -5,8 +5,8 @@ plan the layout before any process-group work, start the process group and the t
 write the resolved config, resume from the newest complete checkpoint (or continue from an
 init checkpoint's trainer position), log one JSON object per optimizer step to
 metrics.jsonl (step, loss, lr, grad_norm, tokens, step_time, plus the task's loss parts)
-and to wandb when `run.wandb_project` is set, save DeepSpeed checkpoints with the loader
-position and a loss.png of the curves so far, and record each rank's peak memory.
+and to wandb when `run.wandb_project` is set, save DeepSpeed checkpoints with every data-parallel
+rank's loader position and a loss.png of the curves so far, and record each rank's peak memory.
 """
 
 from __future__ import annotations
@@ -61,6 +61,41 @@ class TrainingJob:
     tokens_per_step: int
     name: str
     plot_keys: tuple[str, ...] = ("loss",)  # metrics drawn into loss.png at every save
+    dp_rank: int = 0  # which data-parallel replica this rank's loader reads for
+    dp_size: int = 1
+
+
+def gather_loader_states(loader, dp_rank: int, dp_size: int) -> list[dict]:
+    """Every data-parallel rank's loader position, in dp-rank order (collective over the world).
+
+    DeepSpeed writes a checkpoint's client state from one rank only, so a checkpoint must carry
+    every replica's position: the ranks read different samples and stop at different places.
+    """
+    mine = (dp_rank, loader.state_dict())
+    gathered = [mine]
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        gathered = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(gathered, mine)
+    states: list[Optional[dict]] = [None] * dp_size
+    for rank, state in gathered:  # tensor / pipeline peers of one replica hold the same position
+        states[rank] = state
+    return states
+
+
+def own_loader_state(saved, dp_rank: int, dp_size: int) -> dict:
+    """This rank's position from a checkpoint's `gather_loader_states` list.
+
+    Raises:
+        ValueError: the checkpoint was written by another number of data-parallel ranks.
+    """
+    if isinstance(saved, dict):  # checkpoints from before per-rank positions: one rank's state
+        saved = [saved]
+    if len(saved) != dp_size:
+        raise ValueError(
+            f"the checkpoint holds the loader positions of {len(saved)} data-parallel ranks, this run has "
+            f"{dp_size}; resume with the same data-parallel size (the split of samples depends on it)"
+        )
+    return saved[dp_rank]
 
 
 def step_tag(step: int) -> str:
@@ -106,7 +141,7 @@ def _continue_from_init(path: str, job: TrainingJob) -> int:
     state = open_init_checkpoint(path).trainer_state
     if not state:
         return 0
-    job.loader.load_state_dict(state["loader"])
+    job.loader.load_state_dict(own_loader_state(state["loader"], job.dp_rank, job.dp_size))
     for _ in range(state["step"]):
         job.engine.lr_scheduler.step()
     logger.info("continuing from init checkpoint %s at step %d", path, state["step"])
@@ -135,7 +170,7 @@ def run_loop(cfg: Config, job: TrainingJob, info: ProcessInfo, resume: bool, sho
     start_step = 0
     if resume and latest_step(run_dir) is not None:
         _, client_state = engine.load_checkpoint(checkpoint_root)
-        loader.load_state_dict(client_state["loader"])
+        loader.load_state_dict(own_loader_state(client_state["loader"], job.dp_rank, job.dp_size))
         start_step = client_state["step"]
         logger.info("resumed from %s at step %d", checkpoint_root, start_step)
     elif cfg.train.init_from:
@@ -146,8 +181,8 @@ def run_loop(cfg: Config, job: TrainingJob, info: ProcessInfo, resume: bool, sho
 
     def save(step: int) -> None:
         # Collective: every rank writes its partitions; `latest` is updated once all are written.
-        engine.save_checkpoint(checkpoint_root, tag=step_tag(step),
-                               client_state={"loader": loader.state_dict(), "step": step})
+        loaders = gather_loader_states(loader, job.dp_rank, job.dp_size)
+        engine.save_checkpoint(checkpoint_root, tag=step_tag(step), client_state={"loader": loaders, "step": step})
         if is_writer:
             log.flush()
             plot_losses(log.path, os.path.join(run_dir, "loss.png"), job.plot_keys)

@@ -190,6 +190,8 @@ def train_mllm(cfg: Config, resume: bool = False, show_progress: bool = True) ->
         tokens_per_step=cfg.train.micro_batch_size * cfg.train.grad_accum * cfg.train.seq_len * topology.layout.dp,
         name="train",
         plot_keys=("loss", *LOSS_PARTS),
+        dp_rank=topology.dp_rank,
+        dp_size=topology.layout.dp,
     )
     return run_loop(cfg, job, info, resume, show_progress)
 

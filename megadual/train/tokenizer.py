@@ -53,7 +53,7 @@ from megadual.models.vision.tokenizer import DualTokenizer
 from megadual.models.vision.tower import frozen_copy
 
 from .engine import param_groups
-from .loop import limit_threads, write_rank_stats, latest_step, step_tag
+from .loop import gather_loader_states, latest_step, limit_threads, own_loader_state, step_tag, write_rank_stats
 from .schedule import lr_at
 from .tokenizer_loss import generator_loss
 from .tracking import StepLog
@@ -169,13 +169,12 @@ def train_tokenizer(cfg: Config, resume: bool = False, show_progress: bool = Tru
         _, client = gen_engine.load_checkpoint(root)
         tag = step_tag(client["step"])
         disc_engine.load_checkpoint(os.path.join(root, tag), tag=DISCRIMINATOR_TAG)
-        loader.load_state_dict(client["loader"][rank])
+        loader.load_state_dict(own_loader_state(client["loader"], rank, dp))
         start_step = client["step"]
         logger.info("resumed from %s at step %d", os.path.join(root, tag), start_step)
 
     def save(step: int) -> None:
-        states = [None] * dp
-        dist.all_gather_object(states, loader.state_dict())
+        states = gather_loader_states(loader, rank, dp)
         # Discriminator first: the generator's save writes `latest`, which must name complete checkpoints.
         disc_engine.save_checkpoint(os.path.join(root, step_tag(step)), tag=DISCRIMINATOR_TAG, save_latest=False)
         gen_engine.save_checkpoint(root, tag=step_tag(step), client_state={"step": step, "loader": states})

@@ -118,17 +118,21 @@ def _train_resume(rank, world_size, run_dir, shards, overrides):
     train_mllm(_config(run_dir, shards, *overrides), resume=True, show_progress=False)
 
 
-def test_resume_continues_the_same_losses(tmp_path, shards):
-    """Save at step 3 of 6, lose everything after it, resume: steps 4-6 (all loss parts) repeat exactly."""
+@pytest.mark.parametrize("world_size", [1, 2], ids=["dp1", "dp2"])
+def test_resume_continues_the_same_losses(world_size, tmp_path, shards):
+    """Save at step 3 of 6, lose everything after it, resume: steps 4-6 (all loss parts) repeat exactly.
+
+    With 2 data-parallel ranks each rank must get its own loader position back (they read
+    different samples)."""
     import shutil
 
     overrides = ["train.steps=6", "train.save_every=3"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    run_distributed(_train, world_size=1, timeout=300, args=(str(straight), shards, overrides))
+    run_distributed(_train, world_size=world_size, timeout=300, args=(str(straight), shards, overrides))
     expected = _records(straight)
     shutil.copytree(straight / "checkpoints" / "step_000003", resumed / "checkpoints" / "step_000003")
     (resumed / "checkpoints" / "latest").write_text("step_000003")
-    run_distributed(_train_resume, world_size=1, timeout=300, args=(str(resumed), shards, overrides))
+    run_distributed(_train_resume, world_size=world_size, timeout=300, args=(str(resumed), shards, overrides))
     got = _records(resumed)
     keys = ("loss", "text_loss", "visual_loss", "pixel_loss", "semantic_loss", "grad_norm")
     assert [r["step"] for r in got] == [4, 5, 6]
