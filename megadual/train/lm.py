@@ -15,7 +15,7 @@ from megadual.config import Config
 from megadual.data.text_lm import ByteTokenizer, PackedTextLoader, load_documents
 
 from .engine import build_lm_engine, train_step
-from .loop import RunResult, TrainingJob, latest_step, run_loop, start_run, trainer_main
+from .loop import LoopSettings, RunResult, TrainingJob, latest_step, run_loop, start_run, trainer_main
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +55,7 @@ def train_lm(cfg: Config, resume: bool = False, show_progress: bool = True) -> R
         step=lambda batches: train_step(lm, batches, topology),
         tokens_per_step=cfg.train.micro_batch_size * cfg.train.grad_accum * cfg.train.seq_len * topology.layout.dp,
         name="train-lm",
+        settings=LoopSettings.of_train(cfg),
         dp_rank=topology.dp_rank,
         dp_size=topology.layout.dp,
     )

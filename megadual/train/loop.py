@@ -41,28 +41,62 @@ class StepResult:
     parts: dict[str, float] = field(default_factory=dict)  # e.g. text_loss, visual_loss
 
 
+@dataclass(frozen=True)
+class LoopSettings:
+    """How long a run trains and how often it saves: the trainer's section of the config."""
+
+    steps: int
+    grad_accum: int
+    save_every: int  # 0: only at the end
+    wandb_project: Optional[str]
+    init_from: Optional[str] = None  # an init checkpoint whose trainer position a run continues
+
+    @classmethod
+    def of_train(cls, cfg: Config) -> "LoopSettings":
+        """The `train` section's (with `run.wandb_project`): the LM and unified-model trainers."""
+        t = cfg.train
+        return cls(t.steps, t.grad_accum, t.save_every, cfg.run.wandb_project, t.init_from)
+
+
 @dataclass
 class RunResult:
     """What a finished run reports back to its caller (figures of this invocation)."""
 
     run_dir: str
-    first_loss: float
-    last_loss: float
     steps_run: int
+    first: dict[str, Any] = field(default_factory=dict)  # the first and last records, as in metrics.jsonl
+    last: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def first_loss(self) -> float:
+        return self.first.get("loss", float("nan"))
+
+    @property
+    def last_loss(self) -> float:
+        return self.last.get("loss", float("nan"))
 
 
 @dataclass
 class TrainingJob:
-    """What the loop drives: a DeepSpeed engine, a stateful loader and one optimizer step."""
+    """What the loop drives: a DeepSpeed engine, a stateful loader and one optimizer step.
+
+    A trainer with more than one engine (the tokenizer's discriminator) saves and loads the
+    others through `save_extra` / `load_extra`, which get the checkpoint's tag directory.
+    """
 
     engine: Any
     loader: Any  # iterator with state_dict() / load_state_dict()
     step: Callable[[list[dict]], StepResult]
-    tokens_per_step: int
+    settings: LoopSettings
     name: str
+    tokens_per_step: Optional[int] = None  # logged as "tokens" when set
     plot_keys: tuple[str, ...] = ("loss",)  # metrics drawn into loss.png at every save
+    progress_keys: tuple[str, ...] = ("loss",)  # metrics shown beside the progress bar
     dp_rank: int = 0  # which data-parallel replica this rank's loader reads for
     dp_size: int = 1
+    save_extra: Optional[Callable[[str], None]] = None  # before the engine's own save (which moves `latest`)
+    load_extra: Optional[Callable[[str], None]] = None  # after the engine's own load
+    after_step: Optional[Callable[[dict], None]] = None  # every rank, after a step's record is written
 
 
 def gather_loader_states(loader, dp_rank: int, dp_size: int) -> list[dict]:
@@ -161,8 +195,8 @@ def write_rank_stats(run_dir: str, rank: int) -> None:
 
 
 def run_loop(cfg: Config, job: TrainingJob, info: ProcessInfo, resume: bool, show_progress: bool) -> RunResult:
-    """Train `cfg.train.steps` optimizer steps (fewer if resuming), as the module doc says."""
-    engine, loader = job.engine, job.loader
+    """Train `job.settings.steps` optimizer steps (fewer if resuming), as the module doc says."""
+    engine, loader, settings = job.engine, job.loader, job.settings
     run_dir = cfg.run.out_dir
     checkpoint_root = os.path.join(run_dir, CHECKPOINTS)
     is_writer = info.rank == 0
@@ -170,24 +204,29 @@ def run_loop(cfg: Config, job: TrainingJob, info: ProcessInfo, resume: bool, sho
     start_step = 0
     if resume and latest_step(run_dir) is not None:
         _, client_state = engine.load_checkpoint(checkpoint_root)
-        loader.load_state_dict(own_loader_state(client_state["loader"], job.dp_rank, job.dp_size))
         start_step = client_state["step"]
+        if job.load_extra is not None:
+            job.load_extra(os.path.join(checkpoint_root, step_tag(start_step)))
+        loader.load_state_dict(own_loader_state(client_state["loader"], job.dp_rank, job.dp_size))
         logger.info("resumed from %s at step %d", checkpoint_root, start_step)
-    elif cfg.train.init_from:
-        start_step = _continue_from_init(cfg.train.init_from, job)
+    elif settings.init_from:
+        start_step = _continue_from_init(settings.init_from, job)
 
-    total = cfg.train.steps
-    log = StepLog(run_dir, cfg.run.wandb_project, config_to_dict(cfg), is_writer, cfg.run.log_every, total)
+    total = settings.steps
+    log = StepLog(run_dir, settings.wandb_project, config_to_dict(cfg), is_writer, cfg.run.log_every, total)
 
     def save(step: int) -> None:
         # Collective: every rank writes its partitions; `latest` is updated once all are written.
         loaders = gather_loader_states(loader, job.dp_rank, job.dp_size)
+        if job.save_extra is not None:
+            job.save_extra(os.path.join(checkpoint_root, step_tag(step)))
         engine.save_checkpoint(checkpoint_root, tag=step_tag(step), client_state={"loader": loaders, "step": step})
         if is_writer:
             log.flush()
             plot_losses(log.path, os.path.join(run_dir, "loss.png"), job.plot_keys)
 
-    losses: list[float] = []
+    first: dict[str, Any] = {}
+    record: dict[str, Any] = {}
     engine.train()
     progress = tqdm(total=total, initial=start_step, desc=job.name, unit="step",
                     disable=not (show_progress and is_writer))
@@ -195,14 +234,18 @@ def run_loop(cfg: Config, job: TrainingJob, info: ProcessInfo, resume: bool, sho
         for step in range(start_step, total):
             started = time.perf_counter()
             lr = engine.get_lr()[0]
-            result = job.step([next(loader) for _ in range(cfg.train.grad_accum)])
-            losses.append(result.loss)
-            record = {"step": step + 1, "loss": result.loss, "lr": lr, "grad_norm": result.grad_norm,
-                      "tokens": job.tokens_per_step, "step_time": time.perf_counter() - started, **result.parts}
+            result = job.step([next(loader) for _ in range(settings.grad_accum)])
+            record = {"step": step + 1, "loss": result.loss, "lr": lr, "grad_norm": result.grad_norm}
+            if job.tokens_per_step is not None:
+                record["tokens"] = job.tokens_per_step
+            record.update(step_time=time.perf_counter() - started, **result.parts)
+            first = first or record
             if log.write(record):
-                progress.set_postfix(loss=f"{result.loss:.3f}")
+                progress.set_postfix({k: f"{record[k]:.4g}" for k in job.progress_keys if record.get(k) is not None})
+            if job.after_step is not None:
+                job.after_step(record)
             progress.update(1)
-            if cfg.train.save_every and (step + 1) % cfg.train.save_every == 0 and step + 1 < total:
+            if settings.save_every and (step + 1) % settings.save_every == 0 and step + 1 < total:
                 save(step + 1)
         if start_step < total:
             save(total)
@@ -210,12 +253,7 @@ def run_loop(cfg: Config, job: TrainingJob, info: ProcessInfo, resume: bool, sho
         progress.close()
         log.close()
     write_rank_stats(run_dir, info.rank)
-    return RunResult(
-        run_dir=run_dir,
-        first_loss=losses[0] if losses else float("nan"),
-        last_loss=losses[-1] if losses else float("nan"),
-        steps_run=len(losses),
-    )
+    return RunResult(run_dir=run_dir, steps_run=total - start_step, first=first, last=record)
 
 
 def trainer_main(train: Callable[..., RunResult], args) -> int:

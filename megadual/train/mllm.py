@@ -31,7 +31,7 @@ from megadual.models.mllm import DualTokenMLLM, apply_trainable_stage
 
 from .engine import unsharded_grad_norm, construction_context, initialize_engine, load_init_weights
 from .init_checkpoint import open_init_checkpoint
-from .loop import RunResult, StepResult, TrainingJob, run_loop, start_run, trainer_main
+from .loop import LoopSettings, RunResult, StepResult, TrainingJob, run_loop, start_run, trainer_main
 
 logger = logging.getLogger(__name__)
 
@@ -189,6 +189,7 @@ def train_mllm(cfg: Config, resume: bool = False, show_progress: bool = True) ->
         else (lambda batches: mllm_step(engine, batches, topology)),
         tokens_per_step=cfg.train.micro_batch_size * cfg.train.grad_accum * cfg.train.seq_len * topology.layout.dp,
         name="train",
+        settings=LoopSettings.of_train(cfg),
         plot_keys=("loss", *LOSS_PARTS),
         dp_rank=topology.dp_rank,
         dp_size=topology.layout.dp,

@@ -3,10 +3,12 @@
 Shapes: B micro-batch per rank, images [B, 3, H, W] in [-1, 1].
 
 Runs as a plain `python` process (a world of one) or on N data-parallel ranks under
-`deepspeed` / `torchrun`. Two DeepSpeed engines share the process: the generator (the
-`DualTokenizer`: tower, both quantized branches, pixel decoder; AdamW from `optim`) and the
-PatchGAN discriminator (Adam from `tokenizer.discriminator`); ZeRO 0-2 for both. The frozen
-teacher tower and LPIPS sit outside the engines. EMA codebooks are buffers updated in the
+`deepspeed` / `torchrun`, in the loop every trainer shares (megadual/train/loop.py: this module
+supplies the step, and saves the discriminator beside the generator). Two DeepSpeed engines
+share the process: the generator (the `DualTokenizer`: tower, both quantized branches, pixel
+decoder; AdamW from `optim`) and the PatchGAN discriminator (Adam from
+`tokenizer.discriminator`); ZeRO 0-2 for both. The frozen teacher tower and LPIPS sit outside
+the engines. EMA codebooks are buffers updated in the
 forward with statistics all-reduced over the data-parallel group, so they stay identical on
 every rank. bf16 is autocast (weights, codebooks and optimizer state stay fp32).
 
@@ -14,6 +16,7 @@ Writes into `run.out_dir` (rank 0 unless said):
     config.yaml            the resolved config
     metrics.jsonl          one JSON object per optimizer step (all losses, PSNR, codebook usage
                            and perplexity per branch, lr, corrupt-image count, timings)
+    loss.png               the loss curve so far, at every checkpoint
     images/                every `image_every` steps: step_N_recon.png, step_N_usage.png
     checkpoints/step_N/    DeepSpeed checkpoints (generator here, discriminator/ inside), `latest`
     tokenizer/             the final `DualTokenizer.save_pretrained` export
@@ -33,16 +36,13 @@ import hashlib
 import json
 import logging
 import os
-import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import deepspeed
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 
-from megadual.config import Config, config_to_dict, dump_config
+from megadual.config import Config, dump_config
 from megadual.data.images import ImageBatchLoader, build_image_dataset
 from megadual.distributed.deepspeed_config import deep_merge
 from megadual.distributed.runtime import init_distributed
@@ -53,27 +53,15 @@ from megadual.models.vision.tokenizer import DualTokenizer
 from megadual.models.vision.tower import frozen_copy
 
 from .engine import param_groups
-from .loop import gather_loader_states, latest_step, limit_threads, own_loader_state, step_tag, write_rank_stats
+from .loop import LoopSettings, RunResult, StepResult, TrainingJob, limit_threads, run_loop
 from .schedule import lr_at
 from .tokenizer_loss import generator_loss
-from .tracking import StepLog
 from .visualize import save_codebook_usage, save_reconstruction_grid
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINTS = "checkpoints"
 DISCRIMINATOR_TAG = "discriminator"
 _QUIET = 10**9
-
-
-@dataclass
-class TokenizerRunResult:
-    """What a finished run reports (figures of this invocation; records as in metrics.jsonl)."""
-
-    run_dir: str
-    steps_run: int
-    first: dict[str, Any] = field(default_factory=dict)
-    last: dict[str, Any] = field(default_factory=dict)
 
 
 def _ds_config(cfg: Config, dp: int, optimizer: dict[str, Any]) -> dict[str, Any]:
@@ -106,7 +94,7 @@ def _codebook_digest(model: DualTokenizer) -> dict[str, str]:
     return out
 
 
-def train_tokenizer(cfg: Config, resume: bool = False, show_progress: bool = True) -> TokenizerRunResult:
+def train_tokenizer(cfg: Config, resume: bool = False, show_progress: bool = True) -> RunResult:
     """Train the DualToken tokenizer as the config says, on the launched data-parallel world.
 
     Args:
@@ -163,22 +151,6 @@ def train_tokenizer(cfg: Config, resume: bool = False, show_progress: bool = Tru
                               shuffle=cfg.images.shuffle, num_workers=cfg.images.num_workers,
                               on_corrupt=cfg.images.on_corrupt)
 
-    root = os.path.join(run_dir, CHECKPOINTS)
-    start_step = 0
-    if resume and latest_step(run_dir) is not None:
-        _, client = gen_engine.load_checkpoint(root)
-        tag = step_tag(client["step"])
-        disc_engine.load_checkpoint(os.path.join(root, tag), tag=DISCRIMINATOR_TAG)
-        loader.load_state_dict(own_loader_state(client["loader"], rank, dp))
-        start_step = client["step"]
-        logger.info("resumed from %s at step %d", os.path.join(root, tag), start_step)
-
-    def save(step: int) -> None:
-        states = gather_loader_states(loader, rank, dp)
-        # Discriminator first: the generator's save writes `latest`, which must name complete checkpoints.
-        disc_engine.save_checkpoint(os.path.join(root, step_tag(step)), tag=DISCRIMINATOR_TAG, save_latest=False)
-        gen_engine.save_checkpoint(root, tag=step_tag(step), client_state={"step": step, "loader": states})
-
     autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16) if tcfg.dtype == "bf16"
                 else contextlib.nullcontext())
     module: DualTokenizer = gen_engine.module
@@ -190,81 +162,77 @@ def train_tokenizer(cfg: Config, resume: bool = False, show_progress: bool = Tru
         params = {k: v.detach() for k, v in disc_module.named_parameters()}
         return torch.func.functional_call(disc_module, params, (images,))
 
-    total = tcfg.steps
-    log = StepLog(run_dir, tcfg.wandb_project, config_to_dict(cfg), is_writer, cfg.run.log_every, total)
-    progress = tqdm(total=total, initial=start_step, desc="train-tokenizer", unit="step",
-                    disable=not (show_progress and is_writer))
-    first: dict[str, Any] = {}
-    record: dict[str, Any] = {}
-    gen_engine.train()
-    disc_engine.train()
-    try:
-        for step in range(start_step, total):
-            started = time.perf_counter()
-            lr = gen_engine.get_lr()[0]
-            gan_on = step >= dcfg.start_step and lcfg.gan_weight > 0
-            sums: dict[str, torch.Tensor] = {}
-            num_images = torch.zeros((), dtype=torch.float64)
-            for _ in range(tcfg.grad_accum):
-                batch = next(loader)
-                images = batch["images"].to(device)
-                num_images += images.shape[0]
+    last: dict[str, torch.Tensor] = {}  # the step's last micro-batch, for the pictures
+
+    def step(batches: list[dict]) -> StepResult:
+        # DeepSpeed's count of optimizer steps taken: this step's index, restored on resume.
+        gan_on = gen_engine.global_steps >= dcfg.start_step and lcfg.gan_weight > 0
+        sums: dict[str, torch.Tensor] = {}
+        num_images = torch.zeros((), dtype=torch.float64)
+        for batch in batches:
+            images = batch["images"].to(device)
+            num_images += images.shape[0]
+            with autocast:
+                out = gen_engine(images)
+                with torch.no_grad():
+                    t_sem, t_pool = teacher(images)
+                loss, parts = generator_loss(out, images, t_sem, t_pool, lcfg, module.decoder, perceptual,
+                                             fake_logits if gan_on else None)
+            gen_engine.backward(loss)
+            gen_engine.step()
+            if gan_on:
                 with autocast:
-                    out = gen_engine(images)
-                    with torch.no_grad():
-                        t_sem, t_pool = teacher(images)
-                    loss, parts = generator_loss(out, images, t_sem, t_pool, lcfg, module.decoder, perceptual,
-                                                 fake_logits if gan_on else None)
-                gen_engine.backward(loss)
-                gen_engine.step()
-                if gan_on:
-                    with autocast:
-                        d_loss = hinge_d_loss(disc_engine(images), disc_engine(out.reconstruction.detach().float()))
-                    disc_engine.backward(d_loss)
-                    disc_engine.step()
-                    parts["gan_d"] = d_loss.detach()
-                else:
-                    parts["gan_d"] = torch.zeros((), device=device)
-                for k, v in parts.items():
-                    sums[k] = sums.get(k, 0.0) + v.float() / tcfg.grad_accum
-            names = sorted(sums)
-            # One all-reduce for every scalar: means over ranks, the corrupt count summed.
-            packed = torch.stack([sums[k] for k in names] + [torch.tensor(float(loader.num_corrupt), device=device),
-                                                               num_images.float().to(device)])
-            if dp > 1:
-                dist.all_reduce(packed)
-            values = packed.tolist()
-            record = {"step": step + 1, **{k: values[i] / dp for i, k in enumerate(names)}}
-            record["corrupt_images"] = int(values[-2])
-            record["images"] = int(values[-1])
-            for branch, rq_out in (("pixel", out.pixel), ("semantic", out.semantic)):
-                # Usage of the step's last micro-batch, over the data-parallel group.
-                record[f"usage_{branch}"] = float(rq_out.usage.fraction_used.float().mean())
-                record[f"perplexity_{branch}"] = float(rq_out.usage.perplexity.float().mean())
-            record["lr"] = lr
-            norm = gen_engine.get_global_grad_norm()
-            record["grad_norm"] = None if norm is None else float(norm)
-            record["step_time"] = time.perf_counter() - started
-            if not first:
-                first = dict(record)
-            if log.write(record):
-                progress.set_postfix(loss=f"{record['loss']:.3f}", psnr=f"{record['psnr']:.1f}",
-                                     use_p=f"{record['usage_pixel']:.2f}", use_s=f"{record['usage_semantic']:.2f}")
-            if is_writer and tcfg.image_every and ((step + 1) % tcfg.image_every == 0 or step + 1 == total):
-                _save_pictures(run_dir, step + 1, images, out.reconstruction, module)
-            progress.update(1)
-            if tcfg.save_every and (step + 1) % tcfg.save_every == 0 and step + 1 < total:
-                save(step + 1)
-        if start_step < total:
-            save(total)
-    finally:
-        progress.close()
-        log.close()
-    if is_writer and start_step < total:
+                    d_loss = hinge_d_loss(disc_engine(images), disc_engine(out.reconstruction.detach().float()))
+                disc_engine.backward(d_loss)
+                disc_engine.step()
+                parts["gan_d"] = d_loss.detach()
+            else:
+                parts["gan_d"] = torch.zeros((), device=device)
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0.0) + v.float() / len(batches)
+        last.update(images=images, reconstruction=out.reconstruction)
+        names = sorted(sums)
+        # One all-reduce for every scalar: means over ranks, the corrupt count summed.
+        packed = torch.stack([sums[k] for k in names] + [torch.tensor(float(loader.num_corrupt), device=device),
+                                                           num_images.float().to(device)])
+        if dp > 1:
+            dist.all_reduce(packed)
+        values = packed.tolist()
+        record = {k: values[i] / dp for i, k in enumerate(names)}
+        record["corrupt_images"] = int(values[-2])
+        record["images"] = int(values[-1])
+        for branch, rq_out in (("pixel", out.pixel), ("semantic", out.semantic)):
+            # Usage of the step's last micro-batch, over the data-parallel group.
+            record[f"usage_{branch}"] = float(rq_out.usage.fraction_used.float().mean())
+            record[f"perplexity_{branch}"] = float(rq_out.usage.perplexity.float().mean())
+        norm = gen_engine.get_global_grad_norm()
+        return StepResult(loss=record.pop("loss"), grad_norm=None if norm is None else float(norm), parts=record)
+
+    def pictures(record: dict) -> None:
+        done = record["step"]
+        if is_writer and tcfg.image_every and (done % tcfg.image_every == 0 or done == tcfg.steps):
+            _save_pictures(run_dir, done, last["images"], last["reconstruction"], module)
+
+    job = TrainingJob(
+        engine=gen_engine,
+        loader=loader,
+        step=step,
+        settings=LoopSettings(tcfg.steps, tcfg.grad_accum, tcfg.save_every, tcfg.wandb_project),
+        name="train-tokenizer",
+        progress_keys=("loss", "psnr", "usage_pixel", "usage_semantic"),
+        dp_rank=rank,
+        dp_size=dp,
+        # The discriminator goes first: the generator's save moves `latest`, which must name complete checkpoints.
+        save_extra=lambda tag_dir: disc_engine.save_checkpoint(tag_dir, tag=DISCRIMINATOR_TAG, save_latest=False),
+        load_extra=lambda tag_dir: disc_engine.load_checkpoint(tag_dir, tag=DISCRIMINATOR_TAG),
+        after_step=pictures,
+    )
+    disc_engine.train()
+    result = run_loop(cfg, job, info, resume, show_progress)
+    if is_writer and result.steps_run:
         module.save_pretrained(os.path.join(run_dir, "tokenizer"))
-    write_rank_stats(run_dir, rank)
     _write_codebook_digest(run_dir, rank, module)
-    return TokenizerRunResult(run_dir=run_dir, steps_run=total - start_step, first=first, last=record)
+    return result
 
 
 def _save_pictures(run_dir: str, step: int, images: torch.Tensor, reconstructions: torch.Tensor,
