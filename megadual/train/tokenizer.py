@@ -190,7 +190,7 @@ def train_tokenizer(cfg: Config, resume: bool = False, show_progress: bool = Tru
                 parts["gan_d"] = torch.zeros((), device=device)
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + v.float() / len(batches)
-        last.update(images=images, reconstruction=out.reconstruction)
+        last.update(images=images, reconstruction=out.reconstruction.detach())
         names = sorted(sums)
         # One all-reduce for every scalar: means over ranks, the corrupt count summed.
         packed = torch.stack([sums[k] for k in names] + [torch.tensor(float(loader.num_corrupt), device=device),
