@@ -56,7 +56,7 @@ class DemoPlan:
     mllm_steps: int
 
 
-FULL = DemoPlan(train_images=16384, held_out_images=128, tokenizer_steps=600, mllm_steps=1300)
+FULL = DemoPlan(train_images=16384, held_out_images=128, tokenizer_steps=600, mllm_steps=1200)
 QUICK = DemoPlan(train_images=256, held_out_images=12, tokenizer_steps=20, mllm_steps=20)
 
 
