@@ -17,4 +17,3 @@ def test_free_port_is_bindable_and_below_the_ephemeral_range():
     for port in ports:
         with socket.socket() as s:
             s.bind(("127.0.0.1", port))
-
