@@ -153,18 +153,22 @@ def limit_threads(world_size: int) -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local)))
 
 
-def start_run(cfg: Config) -> tuple[ProcessInfo, Topology]:
-    """Validate the layout (before any process group), start the group, build the topology,
-    and write the resolved config into the run directory (rank 0)."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    layout = plan_layout(cfg.parallel, cfg.backbone, world_size)
-    limit_threads(world_size)
+def start_processes(cfg: Config) -> ProcessInfo:
+    """Share the cores between this host's ranks, start the process group, and write the
+    resolved config into the run directory (rank 0)."""
+    limit_threads(int(os.environ.get("WORLD_SIZE", "1")))
     info = init_distributed()
-    topology = Topology(layout)
     if info.rank == 0:
         os.makedirs(cfg.run.out_dir, exist_ok=True)
         dump_config(cfg, os.path.join(cfg.run.out_dir, "config.yaml"))
-    return info, topology
+    return info
+
+
+def start_run(cfg: Config) -> tuple[ProcessInfo, Topology]:
+    """Validate the layout (before any process group), then `start_processes` and build the topology."""
+    layout = plan_layout(cfg.parallel, cfg.backbone, int(os.environ.get("WORLD_SIZE", "1")))
+    info = start_processes(cfg)
+    return info, Topology(layout)
 
 
 def _continue_from_init(path: str, job: TrainingJob) -> int:

@@ -42,10 +42,9 @@ import deepspeed
 import torch
 import torch.distributed as dist
 
-from megadual.config import Config, dump_config
+from megadual.config import Config
 from megadual.data.images import ImageBatchLoader, build_image_dataset
 from megadual.distributed.deepspeed_config import deep_merge
-from megadual.distributed.runtime import init_distributed
 from megadual.losses import hinge_d_loss
 from megadual.losses.perceptual import PerceptualLoss
 from megadual.models.vision.discriminator import PatchDiscriminator
@@ -53,7 +52,7 @@ from megadual.models.vision.tokenizer import DualTokenizer
 from megadual.models.vision.tower import frozen_copy
 
 from .engine import param_groups
-from .loop import LoopSettings, RunResult, StepResult, TrainingJob, limit_threads, run_loop
+from .loop import LoopSettings, RunResult, StepResult, TrainingJob, run_loop, start_processes
 from .schedule import lr_at
 from .tokenizer_loss import generator_loss
 from .visualize import save_codebook_usage, save_reconstruction_grid
@@ -108,16 +107,11 @@ def train_tokenizer(cfg: Config, resume: bool = False, show_progress: bool = Tru
     """
     cfg.require("tokenizer", "tokenizer_train", "images", command="train-tokenizer")
     tcfg, lcfg = cfg.tokenizer_train, cfg.tokenizer.loss
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    limit_threads(world_size)
-    info = init_distributed()
+    info = start_processes(cfg)
     dp, rank, device = info.world_size, info.rank, info.device
     dp_group = dist.group.WORLD if dp > 1 else None
     is_writer = rank == 0
     run_dir = cfg.run.out_dir
-    if is_writer:
-        os.makedirs(run_dir, exist_ok=True)
-        dump_config(cfg, os.path.join(run_dir, "config.yaml"))
 
     seed = cfg.run.seed
     model = DualTokenizer(cfg.tokenizer, dp_group=dp_group, seed=seed)
