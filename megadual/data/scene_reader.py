@@ -5,13 +5,15 @@ images: given only an RGB image (a rendered scene, a reconstruction, or a genera
 it says which shape of which colour is drawn on which background, from pixel statistics:
 
 1. background: a plane per channel fitted to the border pixels (the renderer's background is
-   a linear gradient; the shape rarely reaches the border), named by its nearest palette colour;
-2. shape colour: the palette colour (other than the background's) nearest to the pixels that
+   a linear gradient; the shape rarely reaches the border), named by its nearest palette colour
+   (the shape colours and the background's grey);
+2. shape colour: the shape colour (other than the background's) nearest to the pixels that
    differ most from the background;
 3. coverage: each pixel's position between background and shape colour, in [0, 1]: what
    fraction of the pixel the shape covers (the renderer anti-aliases by box filtering);
 4. shape: every shape's coverage template, placed by the coverage's centroid and scaled to its
-   area, then nudged over a small grid of offsets and scales; the best least-squares fit wins.
+   area, then nudged over a small grid of offsets and scales; the best least-squares fit wins;
+5. side: the half of the image that holds the coverage's centroid.
 
 A reading that finds no pixel far enough from the background says so (shape None).
 """
@@ -26,7 +28,7 @@ from typing import Optional, Union
 import numpy as np
 from PIL import Image
 
-from .scenes import COLOURS, SHAPES
+from .scenes import BACKGROUND, BACKGROUND_RGB, COLOURS, SHAPES
 from .synthetic_images import shape_coverage
 
 # A pixel this far (RGB distance, 8-bit levels) from the fitted background is shape for sure;
@@ -36,24 +38,27 @@ MIN_SHAPE_CONTRAST = 40.0
 _OFFSETS = (-0.5, 0.0, 0.5)
 _SCALES = (0.8, 0.9, 1.0, 1.1, 1.2)
 _MOMENT_FLOOR = 0.25  # coverage below this is treated as background when placing templates
-_PALETTE_NAMES = tuple(sorted(COLOURS))
-_PALETTE = np.array([COLOURS[c] for c in _PALETTE_NAMES], dtype=np.float64)
+_PALETTE_NAMES = (*sorted(COLOURS), BACKGROUND)
+_PALETTE = np.array([COLOURS.get(c, BACKGROUND_RGB) for c in _PALETTE_NAMES], dtype=np.float64)
 
 
 @dataclass(frozen=True)
 class SceneReading:
-    """What `read_scene` saw. `shape`/`colour` are None when no shape stands out."""
+    """What `read_scene` saw. `shape`/`colour`/`side` are None when no shape stands out."""
 
     shape: Optional[str]
     colour: Optional[str]
     background: str
     fit_error: float  # mean squared coverage error of the winning template (0 = exact)
+    side: Optional[str] = None
 
 
-def _nearest_colour(rgb: np.ndarray, exclude: Optional[str] = None) -> str:
+def _nearest_colour(rgb: np.ndarray, exclude: Optional[str] = None, shape_colour: bool = False) -> str:
     distances = np.linalg.norm(_PALETTE - rgb, axis=1)
     if exclude is not None:
         distances[_PALETTE_NAMES.index(exclude)] = np.inf
+    if shape_colour:  # a shape is never drawn in the background's grey
+        distances[_PALETTE_NAMES.index(BACKGROUND)] = np.inf
     return _PALETTE_NAMES[int(np.argmin(distances))]
 
 
@@ -104,7 +109,7 @@ def read_scene(image: Union[Image.Image, np.ndarray]) -> SceneReading:
         return SceneReading(None, None, background, float("inf"))
 
     strongest = contrast >= max(MIN_SHAPE_CONTRAST, 0.7 * contrast.max())
-    colour = _nearest_colour(np.median(pixels[strongest], axis=0), exclude=background)
+    colour = _nearest_colour(np.median(pixels[strongest], axis=0), exclude=background, shape_colour=True)
     towards = _PALETTE[_PALETTE_NAMES.index(colour)] - plane  # [S, S, 3]: background -> shape colour
     coverage = np.clip(((pixels - plane) * towards).sum(axis=2) / np.maximum((towards**2).sum(axis=2), 1e-6), 0, 1)
 
@@ -125,4 +130,5 @@ def read_scene(image: Union[Image.Image, np.ndarray]) -> SceneReading:
             error = float(np.mean((_template(shape, size, mx - dx * r + ox, my - dy * r + oy, r) - coverage) ** 2))
             if error < best_error:
                 best_shape, best_error = shape, error
-    return SceneReading(best_shape, colour, background, best_error)
+    side = "left" if mx < size / 2 else "right"
+    return SceneReading(best_shape, colour, background, best_error, side)

@@ -2,19 +2,19 @@
 
 Shapes: S image side in pixels; images are uint8 RGB [S, S, 3] (PIL) on disk.
 
-A scene (megadual.data.scenes) names one shape, its colour, size and 3x3-grid position, and
-a background colour; `render_scene` draws exactly that (the shape in the colour's RGB, the
-background as a gentle gradient around its colour), with a small per-index jitter so that no
-two images of the same caption are identical. Everything is a pure function of (seed, index,
-size): `megadual synth-data` run twice writes byte-identical shards.
+A scene (megadual.data.scenes) names one shape, its colour and its side; `render_scene` draws
+exactly that: the shape in the colour's RGB, centred in the left or right half, on the grey
+background as a gentle gradient. A small per-index jitter of centre, size and gradient direction keeps any two
+images of the same caption apart. Everything is a pure function of (seed, index, size):
+`megadual synth-data` run twice writes byte-identical shards.
 
 Shard layout (webdataset: members grouped by key, the part of the name before the first dot):
 
     OUT/shapes-000000.tar   00000000.png  00000000.txt  00000000.json  00000001.png ...
     OUT/manifest.json       {"num": N, "size": S, "seed": ..., "shards": [...]}
 
-`.txt` is the caption, `.json` the labels (shape, colour, size, position, background) plus the
-caption, seed, index and image_size: held-out checkers read them.
+`.txt` is the caption, `.json` the labels (shape, colour, side) plus `unseen` (a combination training
+never shows), the caption, seed, index and image_size: held-out checkers read them.
 """
 
 from __future__ import annotations
@@ -30,14 +30,16 @@ from typing import Optional
 
 from PIL import Image, ImageDraw
 
-from .scenes import COLOURS, POSITIONS, SHAPES, Scene, describe, sample_scene
+from .scenes import BACKGROUND_RGB, COLOURS, SHAPES, Scene, describe, sample_scene
 
 logger = logging.getLogger(__name__)
 
-# Half-extent of a shape as a fraction of the image side. A grid cell is 1/3 of the side, so
-# "large" (0.16) still fits inside its cell with the jitter below.
-SIZE_RADIUS = {"small": 0.075, "medium": 0.115, "large": 0.155}
-JITTER = 0.02  # centre jitter, fraction of the side
+# Half-extent of a shape, fraction of the image side: 7-8 px at 32 px, so a shape spans four
+# 4x4-pixel tokens and keeps its corners (smaller shapes blurred into blobs: docs/demo_tuning.md).
+RADIUS = (0.22, 0.25)  # drawn uniformly per image
+# Centre x of each side, fraction of the side: 10 and 22 px at 32 px, three tokens apart.
+SIDE_X = {"left": 0.3125, "right": 0.6875}
+JITTER = 0.03  # centre jitter, fraction of the side
 SUPERSAMPLE = 4  # draw at 4x and downsample: anti-aliased edges
 GRADIENT = 24  # background brightness swing across the image, in 8-bit levels
 
@@ -79,12 +81,11 @@ def _shape_polygon(shape: str, cx: float, cy: float, r: float) -> Optional[list[
     return None
 
 
-def shape_center(scene: Scene, size: int, seed: int, index: int) -> tuple[float, float]:
-    """Pixel centre (x, y) of the shape `render_scene(scene, size, seed, index)` draws."""
+def shape_placement(scene: Scene, size: int, seed: int, index: int) -> tuple[float, float, float]:
+    """Pixel centre (x, y) and half-extent of the shape `render_scene(scene, size, seed, index)` draws."""
     rng = random.Random(f"render:{seed}:{index}")
-    row, col = POSITIONS[scene.position]
     jx, jy = rng.uniform(-JITTER, JITTER), rng.uniform(-JITTER, JITTER)
-    return ((col + 0.5) / 3 + jx) * size, ((row + 0.5) / 3 + jy) * size
+    return (SIDE_X[scene.side] + jx) * size, (0.5 + jy) * size, rng.uniform(*RADIUS) * size
 
 
 def render_scene(scene: Scene, size: int, seed: int = 0, index: int = 0) -> Image.Image:
@@ -100,13 +101,11 @@ def render_scene(scene: Scene, size: int, seed: int = 0, index: int = 0) -> Imag
     """
     if size < 8:
         raise ValueError(f"render_scene: size must be at least 8 pixels, got {size}")
-    cx, cy = shape_center(scene, size, seed, index)
-    rng = random.Random(f"render:{seed}:{index}")
-    rng.random(), rng.random()  # the two jitter draws of shape_center
-    big = size * SUPERSAMPLE
-    image = _background(big, COLOURS[scene.background], rng)
-    draw_shape(ImageDraw.Draw(image), scene.shape, cx * SUPERSAMPLE, cy * SUPERSAMPLE,
-               SIZE_RADIUS[scene.size] * big, COLOURS[scene.colour])
+    cx, cy, r = shape_placement(scene, size, seed, index)
+    rng = random.Random(f"gradient:{seed}:{index}")
+    image = _background(size * SUPERSAMPLE, BACKGROUND_RGB, rng)
+    draw_shape(ImageDraw.Draw(image), scene.shape, cx * SUPERSAMPLE, cy * SUPERSAMPLE, r * SUPERSAMPLE,
+               COLOURS[scene.colour])
     return image.resize((size, size), Image.BOX)
 
 
@@ -134,11 +133,12 @@ def shape_coverage(shape: str, size: int, cx: float, cy: float, r: float) -> Ima
     return big.resize((size, size), Image.BOX)
 
 
-def synthetic_sample(seed: int, index: int, size: int) -> tuple[Image.Image, str, dict]:
-    """(image, caption, labels) of sample `index` of the synthetic set drawn with `seed`."""
-    scene = sample_scene(seed, index)
+def synthetic_sample(seed: int, index: int, size: int, combinations: str = "seen") -> tuple[Image.Image, str, dict]:
+    """(image, caption, labels) of sample `index` of the synthetic set drawn with `seed`
+    (`combinations` as in `scenes.sample_scene`)."""
+    scene = sample_scene(seed, index, combinations)
     caption = describe(scene)
-    labels = dict(scene.labels(), caption=caption, seed=seed, index=index, image_size=size)
+    labels = dict(scene.labels(), unseen=scene.unseen, caption=caption, seed=seed, index=index, image_size=size)
     return render_scene(scene, size, seed, index), caption, labels
 
 
@@ -160,7 +160,7 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 
 def write_synthetic_shards(out_dir: str, num: int, size: int, seed: int = 0, shard_size: int = 1000,
-                           show_progress: bool = False) -> list[str]:
+                           combinations: str = "seen", show_progress: bool = False) -> list[str]:
     """Write `num` synthetic samples as webdataset shards in `out_dir`.
 
     Args:
@@ -169,6 +169,8 @@ def write_synthetic_shards(out_dir: str, num: int, size: int, seed: int = 0, sha
         size: image side in pixels.
         seed: the scene seed (use a different one for a held-out set).
         shard_size: samples per tar file.
+        combinations: "seen" (a training set) or "all" (a held-out set that also holds the
+            combinations training never shows); see `scenes.sample_scene`.
 
     Returns:
         The shard paths, in order.
@@ -190,7 +192,7 @@ def write_synthetic_shards(out_dir: str, num: int, size: int, seed: int = 0, sha
         tmp = path + ".tmp"
         with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
             for index in range(start, min(num, start + shard_size)):
-                image, caption, labels = synthetic_sample(seed, index, size)
+                image, caption, labels = synthetic_sample(seed, index, size, combinations)
                 key = f"{index:08d}"
                 _add_member(tar, f"{key}.png", _png_bytes(image))
                 _add_member(tar, f"{key}.txt", caption.encode("utf-8"))
@@ -201,7 +203,7 @@ def write_synthetic_shards(out_dir: str, num: int, size: int, seed: int = 0, sha
         paths.append(path)
     if progress is not None:
         progress.close()
-    manifest = {"num": num, "size": size, "seed": seed, "shard_size": shard_size,
+    manifest = {"num": num, "size": size, "seed": seed, "shard_size": shard_size, "combinations": combinations,
                 "shards": [os.path.basename(p) for p in paths]}
     with open(os.path.join(out_dir, "manifest.json"), "w", encoding="utf-8") as f:
         json.dump(manifest, f, indent=1, sort_keys=True)
@@ -209,8 +211,8 @@ def write_synthetic_shards(out_dir: str, num: int, size: int, seed: int = 0, sha
 
 
 def main(args) -> int:
-    """`megadual synth-data --out DIR --num N --size S [--seed K] [--shard-size M]`."""
+    """`megadual synth-data --out DIR --num N --size S [--seed K] [--shard-size M] [--combinations seen|all]`."""
     paths = write_synthetic_shards(args.out, args.num, args.size, seed=args.seed, shard_size=args.shard_size,
-                                   show_progress=True)
+                                   combinations=args.combinations, show_progress=True)
     print(f"wrote {args.num} images ({args.size}x{args.size}) in {len(paths)} shard(s) to {args.out}")
     return 0

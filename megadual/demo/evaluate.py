@@ -4,9 +4,12 @@ Legend: B images, H x W pixels.
 
 - reconstruction: PSNR / SSIM of the tokenizer's decode(encode(x)) against x;
 - generation: an image per held-out caption, read back with `read_scene` (pixels only); right
-  when its shape and shape colour are the caption's;
-- captioning: a caption per held-out image; right when it parses and names the image's shape
-  and shape colour.
+  when every attribute the caption names (shape, colour) is read back;
+- captioning: a caption per held-out image; right when it parses and names every attribute of
+  the image.
+
+Every verdict is also split by whether its (shape, colour) combination ever appeared in
+training (`Verdicts.summary`): the unseen ones measure compositional generalisation.
 
 The image reader itself is scored on the held-out originals and on their reconstructions
 (`read_back`): the ceilings the generation figure is measured against.
@@ -25,7 +28,7 @@ import torch
 from PIL import Image
 
 from megadual.data.scene_reader import read_scene
-from megadual.data.scenes import parse_caption
+from megadual.data.scenes import ATTRIBUTES, parse_caption
 from megadual.inference.mllm import LoadedMLLM, caption_images, from_pil, generate_images
 from megadual.losses import psnr, ssim
 from megadual.models.vision.tokenizer import DualTokenizer
@@ -86,8 +89,8 @@ def reconstruction_quality(tokenizer: DualTokenizer, images: list[Image.Image], 
 class Judged:
     """One model output against the held-out labels it should match."""
 
-    expected: dict  # shape, colour (and the caption / labels it came from)
-    seen: dict  # what was read back: shape, colour (None when unreadable)
+    expected: dict  # every attribute, the caption, and `unseen` (a combination training never showed)
+    seen: dict  # what was read back: every attribute (None when unreadable)
     correct: bool
 
 
@@ -103,16 +106,28 @@ class Verdicts:
         """How often one attribute ("shape" or "colour") alone was right."""
         return sum(j.seen[key] == j.expected[key] for j in self.items) / max(1, len(self.items))
 
+    def where(self, unseen: bool) -> "Verdicts":
+        """The verdicts on scenes whose combination training did (not) show."""
+        return Verdicts([j for j in self.items if j.expected["unseen"] == unseen])
 
-def _shape_and_colour(labels: dict) -> dict:
-    return {"shape": labels["shape"], "colour": labels["colour"]}
+    def summary(self) -> dict:
+        """`both` (every attribute right), each attribute alone, and `both` on the unseen and seen
+        combinations, as fractions in [0, 1]; counts under `num*`."""
+        unseen, seen = self.where(True), self.where(False)
+        return {"both": self.accuracy, **{a: self.share_right(a) for a in ATTRIBUTES},
+                "unseen_combinations_both": unseen.accuracy, "seen_combinations_both": seen.accuracy,
+                "num": len(self.items), "num_unseen": len(unseen.items)}
+
+
+def _attributes(labels: dict) -> dict:
+    return {a: labels[a] for a in ATTRIBUTES}
 
 
 def _judge(expected_labels: dict, seen: dict) -> Judged:
-    """Right when `seen` names the labels' shape and colour; the held-out caption rides along."""
-    expected = _shape_and_colour(expected_labels)
-    return Judged({**expected, "caption": expected_labels["caption"]}, seen,
-                  _shape_and_colour(seen) == expected)
+    """Right when `seen` names every attribute of the labels; the caption and `unseen` ride along."""
+    expected = _attributes(expected_labels)
+    return Judged({**expected, "caption": expected_labels["caption"], "unseen": bool(expected_labels["unseen"])},
+                  seen, _attributes(seen) == expected)
 
 
 def read_back(images: list[Image.Image], held_out: HeldOut) -> Verdicts:
@@ -124,13 +139,13 @@ def read_back(images: list[Image.Image], held_out: HeldOut) -> Verdicts:
     out = Verdicts()
     for image, labels in zip(images, held_out.labels):
         reading = read_scene(image)
-        out.items.append(_judge(labels, {"shape": reading.shape, "colour": reading.colour}))
+        out.items.append(_judge(labels, {a: getattr(reading, a) for a in ATTRIBUTES}))
     return out
 
 
 def judge_generation(loaded: LoadedMLLM, held_out: HeldOut, batch_size: int = 16,
                      seed: int = 0) -> tuple[Verdicts, list[Image.Image]]:
-    """Generate one image per held-out caption; right when `read_scene` finds its shape and colour."""
+    """Generate one image per held-out caption; right when `read_scene` finds every attribute it names."""
     images: list[Image.Image] = []
     for start in range(0, len(held_out.captions), batch_size):
         prompts = held_out.captions[start:start + batch_size]
@@ -139,13 +154,13 @@ def judge_generation(loaded: LoadedMLLM, held_out: HeldOut, batch_size: int = 16
 
 
 def judge_captions(loaded: LoadedMLLM, held_out: HeldOut, batch_size: int = 32) -> Verdicts:
-    """Caption every held-out image (greedy); right when the caption parses and names its shape and colour."""
+    """Caption every held-out image (greedy); right when the caption parses and names every attribute."""
     out = Verdicts()
     texts: list[str] = []
     for start in range(0, len(held_out.images), batch_size):
         texts += caption_images(loaded, held_out.images[start:start + batch_size])
     for text, labels in zip(texts, held_out.labels):
         scene = parse_caption(text)
-        seen = {"shape": scene.shape, "colour": scene.colour} if scene else {"shape": None, "colour": None}
+        seen = scene.labels() if scene else dict.fromkeys(ATTRIBUTES)
         out.items.append(_judge(labels, {**seen, "caption": text}))
     return out

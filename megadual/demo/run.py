@@ -16,6 +16,7 @@ always rewritten.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -24,13 +25,19 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
+from tqdm import tqdm
 
+from megadual.data import scenes, synthetic_images
 from megadual.data.synthetic_images import write_synthetic_shards
 from megadual.inference.mllm import load_for_inference, to_pil
 from megadual.launch import megadual_command, run_command, run_deepspeed
+from megadual.models.vision.tokenizer import DualTokenizer
+from megadual.train.checkpoint import checkpoint_steps
+from megadual.train.loop import step_tag
 from megadual.train.tracking import plot_losses
 
 from .evaluate import judge_captions, judge_generation, load_held_out, read_back, reconstruction_quality
+from .probe import chance_levels, encode_code_set, probe_codes, read_token_codes
 from .report import save_judged_grid, write_report
 from .stages import StageRecord, StageRunner
 
@@ -42,6 +49,7 @@ MLLM_CONFIG = "configs/demo/mllm.yaml"
 RANKS = 2
 MLLM_LAYOUT = ("parallel.tp=1", "parallel.pp=1", "parallel.zero_stage=1")  # 2 data-parallel ranks
 HELD_OUT_SEED = 1  # the training scenes use seed 0
+IMAGE_SIZE = 32
 STAGE_TIMEOUT_S = 3600
 
 
@@ -54,10 +62,12 @@ class DemoPlan:
     held_out_images: int
     tokenizer_steps: int
     mllm_steps: int
+    probe_steps: int
+    curve_points: int = 4  # unified-model checkpoints evaluated for the learning curve (the last is the export)
 
 
-FULL = DemoPlan(train_images=16384, held_out_images=128, tokenizer_steps=600, mllm_steps=1200)
-QUICK = DemoPlan(train_images=256, held_out_images=12, tokenizer_steps=20, mllm_steps=20)
+FULL = DemoPlan(train_images=16384, held_out_images=144, tokenizer_steps=600, mllm_steps=2200, probe_steps=300)
+QUICK = DemoPlan(train_images=256, held_out_images=12, tokenizer_steps=20, mllm_steps=20, probe_steps=10)
 
 
 def repo_path(path: str) -> str:
@@ -82,14 +92,23 @@ def _mean(records: list[dict], key: str) -> float:
     return statistics.fmean(values) if values else float("nan")
 
 
+def _world_fingerprint() -> str:
+    """What decides the scenes beyond their counts: the grammar and the renderer's source, the image size."""
+    digest = hashlib.sha256(str(IMAGE_SIZE).encode())
+    for module in (scenes, synthetic_images):
+        digest.update(_read(module.__file__).encode("utf-8"))
+    return digest.hexdigest()[:16]
+
+
 def _settings(*overrides: str) -> list[str]:
     return [a for o in overrides for a in ("--set", o)]
 
 
 def make_data(out: str, plan: DemoPlan) -> dict:
     started = time.perf_counter()
-    write_synthetic_shards(os.path.join(out, "train"), plan.train_images, size=32, seed=0, show_progress=True)
-    write_synthetic_shards(os.path.join(out, "held_out"), plan.held_out_images, size=32, seed=HELD_OUT_SEED)
+    write_synthetic_shards(os.path.join(out, "train"), plan.train_images, size=IMAGE_SIZE, seed=0, show_progress=True)
+    write_synthetic_shards(os.path.join(out, "held_out"), plan.held_out_images, size=IMAGE_SIZE, seed=HELD_OUT_SEED,
+                           combinations="all")
     seconds = time.perf_counter() - started
     total = plan.train_images + plan.held_out_images
     return {"images": total, "images_per_s": total / seconds}
@@ -134,7 +153,7 @@ def train_mllm(out: str, tokens: StageRecord, tokenizer: StageRecord, plan: Demo
     args = ["train", "--config", repo_path(MLLM_CONFIG), *_settings(
         *MLLM_LAYOUT, f"run.out_dir={out}", f"loader.paths=[{os.path.join(tokens.directory, 'tokens')}]",
         f"mllm.tokenizer_path={os.path.join(tokenizer.directory, 'tokenizer')}", "mllm.code_init=tokenizer",
-        f"train.steps={plan.mllm_steps}")]
+        f"train.steps={plan.mllm_steps}", f"train.save_every={_save_every(plan)}")]
     run_deepspeed(RANKS, args, timeout=STAGE_TIMEOUT_S, log_path=os.path.join(out, "launch.log"), echo=True)
     records = _metrics(out)
     head, tail = records[: max(1, len(records) // 10)], records[-max(1, len(records) // 10):]
@@ -148,6 +167,11 @@ def train_mllm(out: str, tokens: StageRecord, tokenizer: StageRecord, plan: Demo
         "last_visual_loss": _mean(tail, "visual_loss"),
         "tokens_per_s": sum(r["tokens"] for r in records) / sum(r["step_time"] for r in records),
     }
+
+
+def _save_every(plan: DemoPlan) -> int:
+    """Checkpoint spacing that gives the learning curve its points (the last at the final step)."""
+    return max(1, plan.mllm_steps // plan.curve_points)
 
 
 def export_hf(out: str, mllm: StageRecord) -> dict:
@@ -188,22 +212,40 @@ def evaluate(out: str, data: StageRecord, hf: StageRecord) -> dict:
         "held_out": n,
         "psnr": recon.psnr,
         "ssim": recon.ssim,
-        "reader_accuracy": reader.accuracy,
-        "reconstruction_read_accuracy": recon_read.accuracy,
-        "generation_accuracy": generation.accuracy,
-        "caption_accuracy": captions.accuracy,
-        "generation_colour": generation.share_right("colour"),
-        "generation_shape": generation.share_right("shape"),
-        "caption_colour": captions.share_right("colour"),
-        "caption_shape": captions.share_right("shape"),
-        "reconstruction_colour": recon_read.share_right("colour"),
-        "reconstruction_shape": recon_read.share_right("shape"),
+        "reader": reader.summary(),
+        "reconstruction_read": recon_read.summary(),
+        "generation": generation.summary(),
+        "caption": captions.summary(),
         "reconstruct_images_per_s": n / recon_s,
         "generate_images_per_s": n / generation_s,
         "caption_images_per_s": n / caption_s,
         "caption_samples": [(j.expected["caption"], j.seen["caption"]) for j in captions.items[:8]],
         "generation_samples": [(j.expected["caption"], j.seen, j.correct) for j in generation.items[:8]],
     }
+
+
+def probe(out: str, data: StageRecord, tokens: StageRecord, tokenizer: StageRecord, plan: DemoPlan) -> dict:
+    """What the codes carry (probe.py): probes trained on the token shards, scored on the held-out codes."""
+    visual = DualTokenizer.from_pretrained(os.path.join(tokenizer.directory, "tokenizer"))
+    train = read_token_codes(os.path.join(tokens.directory, "tokens"))
+    held_out = load_held_out(os.path.join(data.directory, "held_out"))
+    test = encode_code_set(visual, held_out.images, held_out.labels)
+    return {"probe": probe_codes(visual, train, test, steps=plan.probe_steps), "chance": chance_levels(),
+            "train_samples": len(train), "held_out": len(test)}
+
+
+def learning_curve(out: str, data: StageRecord, mllm: StageRecord) -> dict:
+    """Held-out captioning and generation at the unified model's intermediate checkpoints
+    (the last one is the evaluate stage's export)."""
+    held_out = load_held_out(os.path.join(data.directory, "held_out"))
+    points = []
+    for step in tqdm(checkpoint_steps(mllm.directory)[:-1], desc="learning curve", unit="checkpoint"):
+        torch.manual_seed(0)
+        loaded = load_for_inference(mllm.directory, tag=step_tag(step), device="cpu")
+        generation, _ = judge_generation(loaded, held_out)
+        points.append({"step": step, "caption": judge_captions(loaded, held_out).summary(),
+                       "generation": generation.summary()})
+    return {"points": points}
 
 
 def run_demo(out_dir: str, quick: bool = False, force: bool = False) -> dict:
@@ -215,19 +257,25 @@ def run_demo(out_dir: str, quick: bool = False, force: bool = False) -> dict:
     tok_cfg, mllm_cfg = (_read(repo_path(p)) for p in (TOKENIZER_CONFIG, MLLM_CONFIG))
     # Each stage is keyed by its own settings only: more unified-model steps must not redo the data.
     data = stages.run("data", "synthetic shapes: training and held-out images",
-                      {"train_images": plan.train_images, "held_out_images": plan.held_out_images}, [],
+                      {"train_images": plan.train_images, "held_out_images": plan.held_out_images,
+                       "world": _world_fingerprint()}, [],
                       lambda d: make_data(d, plan))
     tokenizer = stages.run("tokenizer", f"DualToken tokenizer, {RANKS} ranks (deepspeed)",
                            {"steps": plan.tokenizer_steps, "config": tok_cfg}, [data],
                            lambda d: train_tokenizer(d, data, plan))
     tokens = stages.run("tokens", "offline token extraction", {}, [data, tokenizer],
                         lambda d: extract_tokens(d, data, tokenizer))
+    stages.run("probe", "probes: what the codes carry", {"steps": plan.probe_steps}, [data, tokens, tokenizer],
+               lambda d: probe(d, data, tokens, tokenizer, plan))
     mllm = stages.run("mllm", f"unified model, {RANKS} ranks (deepspeed)",
-                      {"steps": plan.mllm_steps, "config": mllm_cfg, "layout": MLLM_LAYOUT}, [tokens, tokenizer],
+                      {"steps": plan.mllm_steps, "save_every": _save_every(plan), "config": mllm_cfg,
+                       "layout": MLLM_LAYOUT}, [tokens, tokenizer],
                       lambda d: train_mllm(d, tokens, tokenizer, plan))
     hf = stages.run("hf", "conversion to Hugging Face format", {}, [mllm], lambda d: export_hf(d, mllm))
     stages.run("evaluate", "held-out generation, captioning and reconstruction", {}, [data, hf],
                lambda d: evaluate(d, data, hf))
+    stages.run("curve", "learning curve: held-out scores at earlier checkpoints", {}, [data, mllm],
+               lambda d: learning_curve(d, data, mllm))
     report = write_report(out_dir, stages.records, quick, time.perf_counter() - started)
     return {"report": report, **{r.name: r.figures for r in stages.records},
             "reused": [r.name for r in stages.records if r.reused]}

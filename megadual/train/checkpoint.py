@@ -32,6 +32,12 @@ def checkpoint_tag_dir(run_dir: str, tag: Optional[str] = None) -> str:
     return path
 
 
+def checkpoint_steps(run_dir: str) -> list[int]:
+    """Steps of the checkpoints `<run>/checkpoints/step_N/` holds, in increasing order."""
+    names = glob.glob(os.path.join(run_dir, CHECKPOINTS, "step_*"))
+    return sorted(int(os.path.basename(n).removeprefix("step_")) for n in names if os.path.isdir(n))
+
+
 def load_model_state(run_dir: str, tag: Optional[str] = None) -> dict[str, torch.Tensor]:
     """Full fp32 model state dict of a tp = pp = 1 checkpoint (any ZeRO stage).
 

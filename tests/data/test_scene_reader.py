@@ -7,36 +7,37 @@ import pytest
 from PIL import Image
 
 from megadual.data.scene_reader import read_scene
-from megadual.data.scenes import COLOURS, Scene
+from megadual.data.scenes import ATTRIBUTES, BACKGROUND, BACKGROUND_RGB, COLOURS, SHAPES, SIDES, Scene
 from megadual.data.synthetic_images import render_scene, synthetic_sample
 
 
 @pytest.mark.parametrize("size", [32, 64])
 def test_reads_rendered_scenes(size):
     n = 96
-    shapes = colours = backgrounds = 0
+    right = dict.fromkeys(ATTRIBUTES, 0)
+    backgrounds = 0
     for i in range(n):
-        image, _, labels = synthetic_sample(11, i, size)
+        image, _, labels = synthetic_sample(11, i, size, "all")
         reading = read_scene(image)
-        shapes += reading.shape == labels["shape"]
-        colours += reading.colour == labels["colour"]
-        backgrounds += reading.background == labels["background"]
-    assert colours == n and backgrounds == n
-    # Small shapes at 32 px are ~5 pixels across: a diamond and a cross can blur together.
-    assert shapes >= 0.95 * n
+        for a in ATTRIBUTES:
+            right[a] += getattr(reading, a) == labels[a]
+        backgrounds += reading.background == BACKGROUND
+    # The demo requires the checker to read >= 98% of each attribute on rendered originals.
+    assert backgrounds == n and right["colour"] == n and right["side"] == n
+    assert right["shape"] >= 0.98 * n
 
 
-def test_every_shape_is_told_apart_at_each_size():
-    for shape in ("circle", "square", "triangle", "diamond", "cross", "star"):
-        for size in ("medium", "large"):
-            scene = Scene(shape=shape, colour="red", size=size, position="center", background="blue")
-            assert read_scene(render_scene(scene, 32)).shape == shape, (shape, size)
+def test_every_shape_and_colour_is_told_apart():
+    for shape in SHAPES:
+        for colour in COLOURS:
+            for side in SIDES:
+                reading = read_scene(render_scene(Scene(shape, colour, side), 32, seed=5, index=3))
+                assert (reading.shape, reading.colour, reading.side) == (shape, colour, side)
 
 
 def test_plain_background_has_no_shape():
-    image = Image.new("RGB", (32, 32), COLOURS["green"])
-    reading = read_scene(image)
-    assert reading.shape is None and reading.colour is None and reading.background == "green"
+    reading = read_scene(Image.new("RGB", (32, 32), BACKGROUND_RGB))
+    assert reading.shape is reading.colour is reading.side is None and reading.background == BACKGROUND
 
 
 def test_rejects_a_non_square_or_grey_image():

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from megadual.cli import main as cli_main
-from megadual.data.scenes import COLOURS, parse_caption, sample_scene
-from megadual.data.synthetic_images import render_scene, shape_center, synthetic_sample, write_synthetic_shards
+from megadual.data.scenes import BACKGROUND_RGB, COLOURS, parse_caption, sample_scene
+from megadual.data.synthetic_images import render_scene, shape_placement, synthetic_sample, write_synthetic_shards
 
 
 def _digest(paths):
@@ -30,25 +30,35 @@ def test_shards_are_deterministic_and_complete(tmp_path):
     scene = parse_caption(caption)
     assert scene is not None and scene.labels() == {k: labels[k] for k in scene.labels()}
     assert (labels["seed"], labels["index"], labels["image_size"], labels["caption"]) == (3, 11, 32, caption)
+    assert labels["unseen"] is False
     manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
-    assert manifest["num"] == 12 and len(manifest["shards"]) == 3
+    assert manifest["num"] == 12 and len(manifest["shards"]) == 3 and manifest["combinations"] == "seen"
+
+
+def test_a_held_out_set_labels_its_unseen_combinations(tmp_path):
+    write_synthetic_shards(str(tmp_path), num=40, size=16, seed=1, combinations="all")
+    with tarfile.open(tmp_path / "shapes-000000.tar") as tar:
+        labels = [json.loads(tar.extractfile(n).read()) for n in tar.getnames() if n.endswith(".json")]
+    assert any(lab["unseen"] for lab in labels) and not all(lab["unseen"] for lab in labels)
+    assert all(sample_scene(1, lab["index"], "all").unseen == lab["unseen"] for lab in labels)
 
 
 def test_pictures_show_their_labels():
     checked = 0
     for index in range(40):
         image, caption, labels = synthetic_sample(7, index, 64)
-        if labels["size"] == "small" or labels["shape"] in ("cross", "star"):
-            continue  # thin shapes: the exact centre pixel can sit on an anti-aliased edge
+        scene = parse_caption(caption)
+        assert scene.labels() == {k: labels[k] for k in ("shape", "colour", "side")}
         pixels = np.asarray(image).astype(int)
-        cx, cy = shape_center(parse_caption(caption), 64, 7, index)
+        cx, cy, _ = shape_placement(scene, 64, 7, index)
+        assert (cx < 32) == (scene.side == "left")
         centre = pixels[int(cy), int(cx)]
         assert np.abs(centre - COLOURS[labels["colour"]]).max() <= 2, (caption, centre)
-        # The corner farthest from the shape shows the background (within the gradient's swing).
-        corner = pixels[0 if cy > 32 else 63, 0 if cx > 32 else 63]
-        assert np.abs(corner - COLOURS[labels["background"]]).max() <= 20, (caption, corner)
+        # Every corner shows the background (within the gradient's swing).
+        for corner in (pixels[0, 0], pixels[0, 63], pixels[63, 0], pixels[63, 63]):
+            assert np.abs(corner - BACKGROUND_RGB).max() <= 20, (caption, corner)
         checked += 1
-    assert checked >= 10
+    assert checked == 40
 
 
 def test_cli_writes_shards_and_rejects_bad_sizes(tmp_path, capsys):

@@ -3,13 +3,18 @@ HF, generation and captioning from the HF directory), and reuse of finished stag
 
 from __future__ import annotations
 
+import json
 import math
 import os
 
 from megadual.demo import run_demo
 from megadual.demo.stages import MARKER
 
-STAGES = ("data", "tokenizer", "tokens", "mllm", "hf", "evaluate")
+STAGES = ("data", "tokenizer", "tokens", "probe", "mllm", "hf", "evaluate", "curve")
+
+
+def _fractions(scores: dict) -> list[float]:
+    return [scores[k] for k in ("both", "shape", "colour", "unseen_combinations_both")]
 
 
 def test_quick_demo_runs_every_stage_and_reuses_them(tmp_path):
@@ -19,7 +24,8 @@ def test_quick_demo_runs_every_stage_and_reuses_them(tmp_path):
     report = open(figures["report"]).read()
     for heading in ("Results on held-out scenes", "## Stages", "## Tokenizer", "## Unified model"):
         assert heading in report
-    for png in ("evaluate/reconstructions.png", "evaluate/generations.png", "tokenizer/loss.png", "mllm/loss.png"):
+    for png in ("evaluate/reconstructions.png", "evaluate/generations.png", "tokenizer/loss.png", "mllm/loss.png",
+                "curve.png"):
         assert os.path.isfile(os.path.join(out, png)), png
         assert f"]({png})" in report  # linked from the report, relative to it
     assert figures["tokenizer"]["ranks"] == 2 and figures["mllm"]["ranks"] == 2
@@ -27,8 +33,22 @@ def test_quick_demo_runs_every_stage_and_reuses_them(tmp_path):
     assert figures["tokens"]["samples"] == 256 and figures["tokens"]["skipped"] == 0
     assert "config.json" in figures["hf"]["files"]
     ev = figures["evaluate"]
-    assert ev["held_out"] == 12 and ev["reader_accuracy"] >= 0.9  # the checker reads the originals
-    assert math.isfinite(ev["psnr"]) and 0 <= ev["generation_accuracy"] <= 1 and 0 <= ev["caption_accuracy"] <= 1
+    assert ev["held_out"] == 12 and ev["reader"]["both"] == 1.0  # the checker reads the originals
+
+    results = json.loads(open(os.path.join(out, "report.json")).read())
+    assert set(results["stages"]) == set(STAGES) and results["wall_time_s"] == sum(results["stages"].values())
+    assert math.isfinite(results["tokenizer"]["psnr"]) and 0 <= results["tokenizer"]["ssim"] <= 1
+    for task in ("caption", "generation"):
+        assert all(0 <= x <= 1 for x in _fractions(results[task]))
+        assert results[task]["num"] == 12
+    assert results["chance"]["shape"] == 1 / 6 and results["chance"]["colour"] == 1 / 6
+    for attribute in ("shape", "colour"):
+        for branch in ("pixel", "semantic", "both"):
+            cell = results["probe"][attribute][branch]
+            assert 0 <= cell["linear"] <= 1 and 0 <= cell["conv"] <= 1
+    # Four points on the learning curve: three earlier checkpoints, then the exported model.
+    assert [p["step"] for p in results["curve"]] == [5, 10, 15, 20]
+    assert results["curve"][-1]["caption"] == results["caption"]
 
     markers = {s: os.path.getmtime(os.path.join(out, s, MARKER)) for s in STAGES}
     again = run_demo(out, quick=True)
@@ -49,13 +69,16 @@ def test_a_plan_change_redoes_only_the_stages_it_touches(tmp_path, monkeypatch):
             return {}
         return work
 
-    for name in ("make_data", "train_tokenizer", "extract_tokens", "train_mllm", "export_hf", "evaluate"):
+    names = ("make_data", "train_tokenizer", "extract_tokens", "probe", "train_mllm", "export_hf", "evaluate",
+             "learning_curve")
+    for name in names:
         monkeypatch.setattr(run, name, body(name))
     monkeypatch.setattr(run, "write_report", lambda out, *rest: os.path.join(out, "report.md"))
-    monkeypatch.setattr(run, "QUICK", run.DemoPlan(train_images=8, held_out_images=2, tokenizer_steps=1, mllm_steps=1))
+    plan = dict(train_images=8, held_out_images=2, tokenizer_steps=1, probe_steps=1)
+    monkeypatch.setattr(run, "QUICK", run.DemoPlan(**plan, mllm_steps=1))
     run.run_demo(str(tmp_path), quick=True)
-    assert len(calls) == 6
+    assert calls == list(names)
     calls.clear()
-    monkeypatch.setattr(run, "QUICK", run.DemoPlan(train_images=8, held_out_images=2, tokenizer_steps=1, mllm_steps=2))
+    monkeypatch.setattr(run, "QUICK", run.DemoPlan(**plan, mllm_steps=2))
     run.run_demo(str(tmp_path), quick=True)
-    assert calls == ["train_mllm", "export_hf", "evaluate"]
+    assert calls == ["train_mllm", "export_hf", "evaluate", "learning_curve"]

@@ -1,7 +1,7 @@
 """Token shards whose codes follow their captions, so a model can learn both directions.
 
 Each sample is a synthetic scene: its caption is the byte-tokenized description, its pixel
-codes depend on the colour and position, its semantic codes on the shape and size. Real
+codes depend on the colour and the side, its semantic codes on the shape. Real
 token shards come from the tokenizer; these need none and still give losses that fall.
 """
 
@@ -9,19 +9,18 @@ from __future__ import annotations
 
 import numpy as np
 
-from megadual.data.scenes import COLOURS, POSITIONS, SHAPES, SIZES, describe, sample_scene
+from megadual.data.scenes import COLOURS, SHAPES, SIDES, describe, sample_scene
 from megadual.data.shard_writer import TokenShardWriter
 from megadual.data.text_lm import ByteTokenizer
 from megadual.data.token_shards import Manifest, TokenSample
 
 
 def scene_codes(scene, num_positions: int, depth: int, codebook: int) -> tuple[np.ndarray, np.ndarray]:
-    colour, where = sorted(COLOURS).index(scene.colour), list(POSITIONS).index(scene.position)
-    shape, size = SHAPES.index(scene.shape), SIZES.index(scene.size)
+    colour, shape, side = sorted(COLOURS).index(scene.colour), SHAPES.index(scene.shape), SIDES.index(scene.side)
     p = np.arange(num_positions)[:, None]
     d = np.arange(depth)[None, :]
-    pixel = (colour * 7 + (p == where) * 3 + d) % codebook
-    semantic = (shape * 5 + size * 2 + d) % codebook
+    pixel = (colour * 7 + (p % 2 == side) * 3 + d) % codebook
+    semantic = (shape * 5 + d) % codebook
     return pixel.astype(np.uint16), np.broadcast_to(semantic, (num_positions, depth)).astype(np.uint16)
 
 
