@@ -112,10 +112,11 @@ class Verdicts:
 
     def summary(self) -> dict:
         """`both` (every attribute right), each attribute alone, and `both` on the unseen and seen
-        combinations, as fractions in [0, 1]; counts under `num*`."""
+        combinations, as fractions in [0, 1] (None for a subset with no scene); counts under `num*`."""
         unseen, seen = self.where(True), self.where(False)
         return {"both": self.accuracy, **{a: self.share_right(a) for a in ATTRIBUTES},
-                "unseen_combinations_both": unseen.accuracy, "seen_combinations_both": seen.accuracy,
+                "unseen_combinations_both": unseen.accuracy if unseen.items else None,
+                "seen_combinations_both": seen.accuracy if seen.items else None,
                 "num": len(self.items), "num_unseen": len(unseen.items)}
 
 

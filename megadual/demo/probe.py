@@ -185,7 +185,7 @@ def probe_codes(tokenizer: DualTokenizer, train: CodeSet, test: CodeSet, steps: 
     Returns:
         {attribute: {branch: cell}}, a cell {"linear": acc, "conv": acc, "best": the larger, and
         "linear_unseen", "conv_unseen": the same on the test scenes whose combination training
-        never shows (NaN when there are none)}, accuracies in [0, 1].
+        never shows (None when there are none)}, accuracies in [0, 1].
     """
     tokenizer.eval()
     table: dict = {a: {} for a in ATTRIBUTES}
@@ -197,6 +197,6 @@ def probe_codes(tokenizer: DualTokenizer, train: CodeSet, test: CodeSet, steps: 
             cell = {kind: float(right[kind].mean()) for kind in PROBES}
             cell["best"] = max(cell.values())
             for kind in PROBES:
-                cell[f"{kind}_unseen"] = float(right[kind][test.unseen].mean()) if test.unseen.any() else float("nan")
+                cell[f"{kind}_unseen"] = float(right[kind][test.unseen].mean()) if test.unseen.any() else None
             table[a][branch] = cell
     return table

@@ -127,8 +127,8 @@ def plot_curve(results: dict, path: str) -> None:
     plt.close(fig)
 
 
-def _pct(x: float) -> str:
-    return f"{x:.0%}"
+def _pct(x: Optional[float]) -> str:
+    return "-" if x is None else f"{x:.0%}"
 
 
 def _scores_line(scores: dict) -> str:

@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm import tqdm
 
+from megadual.config import load_config
 from megadual.data import scenes, synthetic_images
 from megadual.data.synthetic_images import write_synthetic_shards
 from megadual.inference.mllm import load_for_inference, to_pil
@@ -37,6 +38,7 @@ from megadual.train.loop import step_tag
 from megadual.train.tracking import plot_losses
 
 from .evaluate import judge_captions, judge_generation, load_held_out, read_back, reconstruction_quality
+from .teacher import TeacherPlan, train_teacher
 from .probe import chance_levels, encode_code_set, probe_codes, read_token_codes
 from .report import save_judged_grid, write_report
 from .stages import StageRecord, StageRunner
@@ -50,6 +52,7 @@ RANKS = 2
 MLLM_LAYOUT = ("parallel.tp=1", "parallel.pp=1", "parallel.zero_stage=1")  # 2 data-parallel ranks
 HELD_OUT_SEED = 1  # the training scenes use seed 0
 IMAGE_SIZE = 32
+PROBE_TRAIN_CODES = 8192  # the probes' training set: half the token shards is plenty for a dozen small classifiers
 STAGE_TIMEOUT_S = 3600
 
 
@@ -60,14 +63,17 @@ class DemoPlan:
 
     train_images: int
     held_out_images: int
+    teacher_steps: int
     tokenizer_steps: int
     mllm_steps: int
     probe_steps: int
     curve_points: int = 4  # unified-model checkpoints evaluated for the learning curve (the last is the export)
 
 
-FULL = DemoPlan(train_images=16384, held_out_images=144, tokenizer_steps=600, mllm_steps=2200, probe_steps=300)
-QUICK = DemoPlan(train_images=256, held_out_images=12, tokenizer_steps=20, mllm_steps=20, probe_steps=10)
+FULL = DemoPlan(train_images=16384, held_out_images=144, teacher_steps=600, tokenizer_steps=450, mllm_steps=2200,
+                probe_steps=300)
+QUICK = DemoPlan(train_images=256, held_out_images=12, teacher_steps=10, tokenizer_steps=20, mllm_steps=20,
+                 probe_steps=10)
 
 
 def repo_path(path: str) -> str:
@@ -114,9 +120,23 @@ def make_data(out: str, plan: DemoPlan) -> dict:
     return {"images": total, "images_per_s": total / seconds}
 
 
-def train_tokenizer(out: str, data: StageRecord, plan: DemoPlan) -> dict:
+def pretrain_teacher(out: str, data: StageRecord, plan: DemoPlan) -> dict:
+    """The SigLIP tower the tokenizer starts from and distils its semantic codes from (teacher.py)."""
+    train = load_held_out(os.path.join(data.directory, "train"))  # the same reader: images, captions, labels
+    tower_cfg = load_config(repo_path(TOKENIZER_CONFIG)).tokenizer.tower
+    threads = torch.get_num_threads()
+    torch.set_num_threads(min(RANKS, os.cpu_count() or 1))  # the stage has the machine to itself
+    try:
+        return train_teacher(tower_cfg, train.images, train.captions, TeacherPlan(steps=plan.teacher_steps),
+                             os.path.join(out, "tower"))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def train_tokenizer(out: str, data: StageRecord, teacher: StageRecord, plan: DemoPlan) -> dict:
     args = ["train-tokenizer", "--config", repo_path(TOKENIZER_CONFIG), *_settings(
         f"run.out_dir={out}", f"images.paths=[{os.path.join(data.directory, 'train')}]",
+        f"tokenizer.tower.hf_path={os.path.join(teacher.directory, 'tower')}",
         f"tokenizer_train.steps={plan.tokenizer_steps}")]
     run_deepspeed(RANKS, args, timeout=STAGE_TIMEOUT_S, log_path=os.path.join(out, "launch.log"), echo=True)
     records = _metrics(out)
@@ -227,7 +247,7 @@ def evaluate(out: str, data: StageRecord, hf: StageRecord) -> dict:
 def probe(out: str, data: StageRecord, tokens: StageRecord, tokenizer: StageRecord, plan: DemoPlan) -> dict:
     """What the codes carry (probe.py): probes trained on the token shards, scored on the held-out codes."""
     visual = DualTokenizer.from_pretrained(os.path.join(tokenizer.directory, "tokenizer"))
-    train = read_token_codes(os.path.join(tokens.directory, "tokens"))
+    train = read_token_codes(os.path.join(tokens.directory, "tokens"), limit=PROBE_TRAIN_CODES)
     held_out = load_held_out(os.path.join(data.directory, "held_out"))
     test = encode_code_set(visual, held_out.images, held_out.labels)
     return {"probe": probe_codes(visual, train, test, steps=plan.probe_steps), "chance": chance_levels(),
@@ -260,9 +280,12 @@ def run_demo(out_dir: str, quick: bool = False, force: bool = False) -> dict:
                       {"train_images": plan.train_images, "held_out_images": plan.held_out_images,
                        "world": _world_fingerprint()}, [],
                       lambda d: make_data(d, plan))
+    teacher = stages.run("teacher", "semantic teacher: a SigLIP tower pre-trained on the captions",
+                         {"steps": plan.teacher_steps, "config": tok_cfg}, [data],
+                         lambda d: pretrain_teacher(d, data, plan))
     tokenizer = stages.run("tokenizer", f"DualToken tokenizer, {RANKS} ranks (deepspeed)",
-                           {"steps": plan.tokenizer_steps, "config": tok_cfg}, [data],
-                           lambda d: train_tokenizer(d, data, plan))
+                           {"steps": plan.tokenizer_steps, "config": tok_cfg}, [data, teacher],
+                           lambda d: train_tokenizer(d, data, teacher, plan))
     tokens = stages.run("tokens", "offline token extraction", {}, [data, tokenizer],
                         lambda d: extract_tokens(d, data, tokenizer))
     stages.run("probe", "probes: what the codes carry", {"steps": plan.probe_steps}, [data, tokens, tokenizer],

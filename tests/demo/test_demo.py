@@ -10,7 +10,7 @@ import os
 from megadual.demo import run_demo
 from megadual.demo.stages import MARKER
 
-STAGES = ("data", "tokenizer", "tokens", "probe", "mllm", "hf", "evaluate", "curve")
+STAGES = ("data", "teacher", "tokenizer", "tokens", "probe", "mllm", "hf", "evaluate", "curve")
 
 
 def _fractions(scores: dict) -> list[float]:
@@ -69,12 +69,12 @@ def test_a_plan_change_redoes_only_the_stages_it_touches(tmp_path, monkeypatch):
             return {}
         return work
 
-    names = ("make_data", "train_tokenizer", "extract_tokens", "probe", "train_mllm", "export_hf", "evaluate",
+    names = ("make_data", "pretrain_teacher", "train_tokenizer", "extract_tokens", "probe", "train_mllm", "export_hf", "evaluate",
              "learning_curve")
     for name in names:
         monkeypatch.setattr(run, name, body(name))
     monkeypatch.setattr(run, "write_report", lambda out, *rest: os.path.join(out, "report.md"))
-    plan = dict(train_images=8, held_out_images=2, tokenizer_steps=1, probe_steps=1)
+    plan = dict(train_images=8, held_out_images=2, teacher_steps=1, tokenizer_steps=1, probe_steps=1)
     monkeypatch.setattr(run, "QUICK", run.DemoPlan(**plan, mllm_steps=1))
     run.run_demo(str(tmp_path), quick=True)
     assert calls == list(names)
