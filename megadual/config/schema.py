@@ -337,6 +337,11 @@ class TokenizerLossConfig:
     # Local torchvision checkpoint of the LPIPS backbone (e.g. vgg16-397923af.pth); without it the
     # backbone is random (a loud warning): fine for tests, not a perceptual metric.
     lpips_backbone_path: Optional[str] = None
+    # The frozen tower the semantic loss distils. None: a copy of the initial tower (DualToken's
+    # choice, the tower starting from a pre-trained SigLIP). A local SiglipVisionModel directory
+    # with the tower's sizes: a separate teacher, while the tower itself starts from tower.hf_path
+    # or random (the demo: a random tower keeps local pixel codes, the teacher brings the semantics).
+    semantic_teacher_path: Optional[str] = None
 
     def validate(self, prefix: str = "tokenizer.loss") -> None:
         for name in ("pixel_mse_weight", "lpips_weight", "gan_weight", "semantic_weight", "commitment_weight"):

@@ -32,6 +32,7 @@ and seed: the initial tower).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -43,13 +44,14 @@ import torch
 import torch.distributed as dist
 
 from megadual.config import Config
+from megadual.config.schema import TokenizerConfig
 from megadual.data.images import ImageBatchLoader, build_image_dataset
 from megadual.distributed.deepspeed_config import deep_merge
 from megadual.losses import hinge_d_loss
 from megadual.losses.perceptual import PerceptualLoss
 from megadual.models.vision.discriminator import PatchDiscriminator
 from megadual.models.vision.tokenizer import DualTokenizer
-from megadual.models.vision.tower import frozen_copy
+from megadual.models.vision.tower import SiglipTower, build_siglip, frozen_copy
 
 from .engine import param_groups
 from .loop import LoopSettings, RunResult, StepResult, TrainingJob, run_loop, start_processes
@@ -93,6 +95,18 @@ def _codebook_digest(model: DualTokenizer) -> dict[str, str]:
     return out
 
 
+def build_semantic_teacher(cfg: TokenizerConfig, model: DualTokenizer) -> SiglipTower:
+    """The frozen tower the semantic loss distils: `loss.semantic_teacher_path`, else the initial
+    tower (copied before any checkpoint is loaded, so a resumed run distils the same teacher)."""
+    path = cfg.loss.semantic_teacher_path
+    if path is None:
+        return frozen_copy(model.tower)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"tokenizer.loss.semantic_teacher_path: {path!r} is not a directory (never downloaded)")
+    tower_cfg = dataclasses.replace(cfg.tower, hf_path=path)  # its sizes are checked against tokenizer.tower
+    return frozen_copy(SiglipTower(build_siglip(tower_cfg), tower_cfg))
+
+
 def train_tokenizer(cfg: Config, resume: bool = False, show_progress: bool = True) -> RunResult:
     """Train the DualToken tokenizer as the config says, on the launched data-parallel world.
 
@@ -116,7 +130,7 @@ def train_tokenizer(cfg: Config, resume: bool = False, show_progress: bool = Tru
     seed = cfg.run.seed
     model = DualTokenizer(cfg.tokenizer, dp_group=dp_group, seed=seed)
     model.tower.gradient_checkpointing = tcfg.gradient_checkpointing
-    teacher = frozen_copy(model.tower).to(device)  # the initial tower, before any checkpoint is loaded
+    teacher = build_semantic_teacher(cfg.tokenizer, model).to(device)
     dcfg = cfg.tokenizer.discriminator
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + 100)

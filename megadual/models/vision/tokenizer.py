@@ -253,6 +253,7 @@ class DualTokenizer(nn.Module):
         os.makedirs(directory, exist_ok=True)
         tokenizer_cfg = dataclasses.asdict(self.cfg)
         tokenizer_cfg["tower"]["hf_path"] = None  # the weights are in model.safetensors now
+        tokenizer_cfg["loss"]["semantic_teacher_path"] = None  # a training input, not part of the model
         config = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
