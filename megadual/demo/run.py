@@ -70,7 +70,7 @@ class DemoPlan:
     curve_points: int = 4  # unified-model checkpoints evaluated for the learning curve (the last is the export)
 
 
-FULL = DemoPlan(train_images=16384, held_out_images=144, teacher_steps=400, tokenizer_steps=500, mllm_steps=1900,
+FULL = DemoPlan(train_images=16384, held_out_images=144, teacher_steps=400, tokenizer_steps=600, mllm_steps=1700,
                 probe_steps=200)
 QUICK = DemoPlan(train_images=256, held_out_images=12, teacher_steps=10, tokenizer_steps=20, mllm_steps=20,
                  probe_steps=10)
@@ -121,7 +121,7 @@ def make_data(out: str, plan: DemoPlan) -> dict:
 
 
 def pretrain_teacher(out: str, data: StageRecord, plan: DemoPlan) -> dict:
-    """The SigLIP tower the tokenizer distils its semantic codes from (teacher.py)."""
+    """The SigLIP tower the tokenizer starts from and distils its semantic codes from (teacher.py)."""
     train = load_held_out(os.path.join(data.directory, "train"))  # the same reader: images, captions, labels
     tower_cfg = load_config(repo_path(TOKENIZER_CONFIG)).tokenizer.tower
     threads = torch.get_num_threads()
@@ -136,7 +136,7 @@ def pretrain_teacher(out: str, data: StageRecord, plan: DemoPlan) -> dict:
 def train_tokenizer(out: str, data: StageRecord, teacher: StageRecord, plan: DemoPlan) -> dict:
     args = ["train-tokenizer", "--config", repo_path(TOKENIZER_CONFIG), *_settings(
         f"run.out_dir={out}", f"images.paths=[{os.path.join(data.directory, 'train')}]",
-        f"tokenizer.loss.semantic_teacher_path={os.path.join(teacher.directory, 'tower')}",
+        f"tokenizer.tower.hf_path={os.path.join(teacher.directory, 'tower')}",
         f"tokenizer_train.steps={plan.tokenizer_steps}")]
     run_deepspeed(RANKS, args, timeout=STAGE_TIMEOUT_S, log_path=os.path.join(out, "launch.log"), echo=True)
     records = _metrics(out)

@@ -146,3 +146,28 @@ def test_two_rank_deepspeed_run_keeps_codebooks_identical(tmp_path, monkeypatch)
     assert _mean(records[-3:], "psnr") > records[0]["psnr"] + 2.0
     assert records[-1]["grad_norm"] > 0  # ZeRO-2 reports the global norm
     assert len(list((run_dir / "wandb").glob("offline-run-*"))) == 1  # rank 0 only
+
+
+def test_semantic_teacher_is_the_initial_tower_or_the_named_directory(tmp_path):
+    from megadual.models.vision.tower import build_siglip
+    from megadual.train.tokenizer import build_semantic_teacher
+
+    cfg = _config(str(tmp_path / "run"))
+    model = DualTokenizer(cfg.tokenizer, seed=0)
+    initial = build_semantic_teacher(cfg.tokenizer, model)
+    assert all(torch.equal(a, b) for a, b in zip(initial.parameters(), model.tower.parameters()))
+    assert not any(p.requires_grad for p in initial.parameters())
+
+    other = build_siglip(cfg.tokenizer.tower, seed=7)  # stands in for a pre-trained tower
+    other.save_pretrained(str(tmp_path / "teacher"))
+    named = _config(str(tmp_path / "run"), f"tokenizer.loss.semantic_teacher_path={tmp_path / 'teacher'}")
+    teacher = build_semantic_teacher(named.tokenizer, model)
+    assert all(torch.equal(a, b) for a, b in zip(teacher.model.parameters(), other.parameters()))
+    assert not any(p.requires_grad for p in teacher.parameters())
+    # The tower itself still starts where tokenizer.tower says (here: random from the seed).
+    assert not torch.equal(teacher.model.embeddings.patch_embedding.weight,
+                           model.tower.model.embeddings.patch_embedding.weight)
+
+    missing = _config(str(tmp_path / "run"), f"tokenizer.loss.semantic_teacher_path={tmp_path / 'nowhere'}")
+    with pytest.raises(FileNotFoundError, match="semantic_teacher_path: .* is not a directory"):
+        build_semantic_teacher(missing.tokenizer, model)
