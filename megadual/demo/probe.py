@@ -73,10 +73,13 @@ def read_token_codes(directory: str, limit: int | None = None) -> CodeSet:
     manifest = read_manifest(directory)
     pixel, semantic, scenes = [], [], []
     for entry in manifest.shards:
+        wanted = entry.num_samples if limit is None else min(entry.num_samples, limit - len(scenes))
+        if wanted <= 0:
+            break
         path = os.path.join(directory, entry.name)
         cursor = ShardCursor(path, path, entry.num_samples)
         try:
-            for _, key, files in cursor.read(list(range(entry.num_samples))):
+            for _, key, files in cursor.read(list(range(wanted))):
                 if isinstance(files, TokenShardError):
                     raise files
                 sample = decode_sample(files, path, key, manifest)
@@ -87,12 +90,8 @@ def read_token_codes(directory: str, limit: int | None = None) -> CodeSet:
                 pixel.append(sample.pixel_codes.astype(np.int64))
                 semantic.append(sample.semantic_codes.astype(np.int64))
                 scenes.append(scene.labels())
-                if limit is not None and len(scenes) >= limit:
-                    break
         finally:
             cursor.close()
-        if limit is not None and len(scenes) >= limit:
-            break
     return code_set(torch.from_numpy(np.stack(pixel)), torch.from_numpy(np.stack(semantic)), scenes)
 
 

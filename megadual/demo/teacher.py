@@ -79,7 +79,7 @@ def sigmoid_loss(image: torch.Tensor, text: torch.Tensor, match: torch.Tensor, l
     return -F.logsigmoid(signs * logits).sum() / image.shape[0]
 
 
-def _augment(pixels: torch.Tensor, words: list[list[str]], fraction: float,
+def recolour(pixels: torch.Tensor, words: list[list[str]], fraction: float,
              generator: torch.Generator) -> tuple[torch.Tensor, list[list[str]]]:
     """Permute the channels of a `fraction` of the images and drop their captions' colour words."""
     pixels, words = pixels.clone(), [list(w) for w in words]
@@ -109,7 +109,7 @@ def train_teacher(tower_cfg: VisionTowerConfig, images: list[Image.Image], capti
     losses = []
     for _ in tqdm(range(plan.steps), desc="teacher", unit="step"):
         batch = torch.randint(0, len(words), (plan.batch_size,), generator=generator)
-        x, w = _augment(pixels[batch], [words[i] for i in batch.tolist()], plan.augment_fraction, generator)
+        x, w = recolour(pixels[batch], [words[i] for i in batch.tolist()], plan.augment_fraction, generator)
         keys = [" ".join(ws) for ws in w]
         match = torch.tensor([[a == b for b in keys] for a in keys])
         loss = sigmoid_loss(tower(pixel_values=x).pooler_output, text(w), match, log_scale, bias)

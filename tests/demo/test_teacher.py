@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import torch
 from transformers import SiglipVisionModel
 
 from megadual.config import load_config
 from megadual.data.scenes import COLOURS
 from megadual.data.synthetic_images import synthetic_sample
-from megadual.demo.teacher import BagOfWords, TeacherPlan, _augment, sigmoid_loss, train_teacher
+from megadual.demo.teacher import BagOfWords, TeacherPlan, recolour, sigmoid_loss, train_teacher
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -27,13 +28,13 @@ def test_sigmoid_loss_rewards_matching_pairs():
 
 def test_augmentation_recolours_the_shape_keeps_the_grey_and_drops_the_colour_word():
     image, caption, _ = synthetic_sample(0, 3, 32)
-    pixels = torch.from_numpy(__import__("numpy").asarray(image, dtype="float32")).permute(2, 0, 1)[None]
-    out, words = _augment(pixels, [caption.split()], fraction=1.0, generator=torch.Generator().manual_seed(0))
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1)[None]
+    out, words = recolour(pixels, [caption.split()], fraction=1.0, generator=torch.Generator().manual_seed(0))
     assert not torch.equal(out, pixels)
     corner = pixels[0, :, 0, 0]
     assert torch.allclose(out[0, :, 0, 0].sort().values, corner.sort().values)  # channels permuted, not changed
     assert not any(w in COLOURS for w in words[0]) and len(words[0]) == len(caption.split()) - 1
-    same, kept = _augment(pixels, [caption.split()], fraction=0.0, generator=torch.Generator().manual_seed(0))
+    same, kept = recolour(pixels, [caption.split()], fraction=0.0, generator=torch.Generator().manual_seed(0))
     assert torch.equal(same, pixels) and kept == [caption.split()]
 
 
