@@ -98,8 +98,8 @@ def _add_synth_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shard-size", dest="shard_size", type=int, default=1000,
                         help="images per tar shard (default: 1000)")
     parser.add_argument("--combinations", choices=("seen", "all"), default="seen",
-                        help="seen: a training set, without the shape/colour pairs held out for compositional "
-                             "tests; all: a held-out set with every pair (default: seen)")
+                        help="seen: a training set, without the attribute combinations held out for "
+                             "compositional tests; all: a held-out set with every combination (default: seen)")
 
 
 def _add_extract_arguments(parser: argparse.ArgumentParser) -> None:

@@ -340,7 +340,7 @@ class TokenizerLossConfig:
     # The frozen tower the semantic loss distils. None: a copy of the initial tower (DualToken's
     # choice, the tower starting from a pre-trained SigLIP). A local SiglipVisionModel directory
     # with the tower's sizes: a separate teacher, while the tower itself starts from tower.hf_path
-    # or random (the demo: a random tower keeps local pixel codes, the teacher brings the semantics).
+    # or random (docs/demo_tuning.md, run 5: a random demo tower distilling a pre-trained teacher).
     semantic_teacher_path: Optional[str] = None
 
     def validate(self, prefix: str = "tokenizer.loss") -> None:

@@ -135,7 +135,7 @@ def read_back(images: list[Image.Image], held_out: HeldOut) -> Verdicts:
     """`read_scene` on `images` (originals, reconstructions or generations) against the held-out labels.
 
     On the originals it scores the checker itself; on reconstructions, whether the tokenizer
-    keeps the shape and colour (which PSNR, dominated by the background, does not show).
+    keeps every attribute (which PSNR, dominated by the background, does not show).
     """
     out = Verdicts()
     for image, labels in zip(images, held_out.labels):

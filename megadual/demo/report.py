@@ -185,7 +185,7 @@ def write_report(out_dir: str, records: list[StageRecord], quick: bool, wall_s: 
         f"| reconstructions the checker reads right | {_scores_line(ev['reconstruction_read'])} "
         "| (what the pixel codes keep: the generation ceiling) | |",
         "",
-        f"{ev['held_out']} held-out scenes (a seed never trained on), drawn from every shape/colour combination; "
+        f"{ev['held_out']} held-out scenes (a seed never trained on), drawn from every attribute combination; "
         f"{cap['num_unseen']} of them show a combination training never showed (compositional generalisation). "
         "Images are judged by `megadual.data.scene_reader.read_scene` from pixels alone; captions by the "
         "scene grammar.",
@@ -232,7 +232,7 @@ def write_report(out_dir: str, records: list[StageRecord], quick: bool, wall_s: 
         f"![tokenizer loss]({_rel(out_dir, os.path.join(by['tokenizer'].directory, 'loss.png'))})",
         "",
         "Held-out originals (top) and their reconstructions (bottom); green frame: the checker reads the "
-        "reconstruction's shape and colour right:",
+        "reconstruction's attributes right:",
         "",
         f"![reconstructions]({_rel(out_dir, os.path.join(by['evaluate'].directory, 'reconstructions.png'))})",
         "",
