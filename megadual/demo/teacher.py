@@ -116,7 +116,7 @@ def train_teacher(tower_cfg: VisionTowerConfig, images: list[Image.Image], capti
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     os.makedirs(out_dir, exist_ok=True)
     tower.save_pretrained(out_dir)
     tenth = max(1, len(losses) // 10)
