@@ -35,15 +35,15 @@ from megadual.models.vision.tokenizer import DualTokenizer
 
 
 @dataclass
-class HeldOut:
-    """Held-out samples as `megadual synth-data` wrote them (sorted by key)."""
+class SceneSamples:
+    """Scenes as `megadual synth-data` wrote them (sorted by key): a held-out set, or the training set."""
 
     images: list[Image.Image]
     captions: list[str]
     labels: list[dict]
 
 
-def load_held_out(shard_dir: str, limit: Optional[int] = None) -> HeldOut:
+def load_scene_shards(shard_dir: str, limit: Optional[int] = None) -> SceneSamples:
     """Read the .png / .txt / .json members of every shard in `shard_dir`."""
     members: dict[str, dict[str, bytes]] = {}
     for name in sorted(os.listdir(shard_dir)):
@@ -57,7 +57,7 @@ def load_held_out(shard_dir: str, limit: Optional[int] = None) -> HeldOut:
     missing = [k for k in keys if not {"png", "txt", "json"} <= members[k].keys()]
     if missing:
         raise ValueError(f"{shard_dir}: samples {missing[:3]} lack a .png, .txt or .json member")
-    return HeldOut(
+    return SceneSamples(
         images=[Image.open(io.BytesIO(members[k]["png"])).convert("RGB") for k in keys],
         captions=[members[k]["txt"].decode("utf-8") for k in keys],
         labels=[json.loads(members[k]["json"]) for k in keys],
@@ -131,7 +131,7 @@ def _judge(expected_labels: dict, seen: dict) -> Judged:
                   seen, _attributes(seen) == expected)
 
 
-def read_back(images: list[Image.Image], held_out: HeldOut) -> Verdicts:
+def read_back(images: list[Image.Image], held_out: SceneSamples) -> Verdicts:
     """`read_scene` on `images` (originals, reconstructions or generations) against the held-out labels.
 
     On the originals it scores the checker itself; on reconstructions, whether the tokenizer
@@ -144,7 +144,7 @@ def read_back(images: list[Image.Image], held_out: HeldOut) -> Verdicts:
     return out
 
 
-def judge_generation(loaded: LoadedMLLM, held_out: HeldOut, batch_size: int = 16,
+def judge_generation(loaded: LoadedMLLM, held_out: SceneSamples, batch_size: int = 16,
                      seed: int = 0) -> tuple[Verdicts, list[Image.Image]]:
     """Generate one image per held-out caption; right when `read_scene` finds every attribute it names."""
     images: list[Image.Image] = []
@@ -154,7 +154,7 @@ def judge_generation(loaded: LoadedMLLM, held_out: HeldOut, batch_size: int = 16
     return read_back(images, held_out), images
 
 
-def judge_captions(loaded: LoadedMLLM, held_out: HeldOut, batch_size: int = 32) -> Verdicts:
+def judge_captions(loaded: LoadedMLLM, held_out: SceneSamples, batch_size: int = 32) -> Verdicts:
     """Caption every held-out image (greedy); right when the caption parses and names every attribute."""
     out = Verdicts()
     texts: list[str] = []

@@ -1,16 +1,21 @@
 """The embedded end-to-end run: every stage of MegaDual on CPU, each as a user would run it.
 
-1. data: `synth-data` renders the training scenes and a held-out set (another seed);
-2. tokenizer: `train-tokenizer` on 2 data-parallel ranks started by the `deepspeed` launcher;
-3. tokens: `extract` encodes the training images into token shards with that tokenizer;
-4. mllm: `train` trains the unified model on the token shards, 2 ranks from the `deepspeed`
+1. data: `synth-data` renders the training scenes and a held-out set (another seed, every
+   attribute combination, the ones training never shows among them);
+2. teacher: the tokenizer's SigLIP tower pre-trained on the captions (`teacher.py`);
+3. tokenizer: `train-tokenizer`, started from that tower, on 2 data-parallel ranks started by
+   the `deepspeed` launcher;
+4. tokens: `extract` encodes the training images into token shards with that tokenizer;
+5. probe: what the codes carry, per attribute and code branch (`probe.py`);
+6. mllm: `train` trains the unified model on the token shards, 2 ranks from the `deepspeed`
    launcher (data parallel, ZeRO-1), its code tables initialised from the tokenizer;
-5. hf: `convert to-hf` turns the training checkpoint into a Hugging Face directory;
-6. evaluate: from that directory alone, generate an image per held-out caption and caption
+7. hf: `convert to-hf` turns the training checkpoint into a Hugging Face directory;
+8. evaluate: from that directory alone, generate an image per held-out caption and caption
    every held-out image; judge both against the held-out labels (`evaluate.py`);
-7. report.md with the figures and PNGs (`report.py`).
+9. curve: the same judgement at the earlier unified-model checkpoints;
+then report.md, report.json and the PNGs (`report.py`).
 
-Stages 1-6 are reused on rerun when finished with the same inputs (`stages.py`); the report is
+Stages 1-9 are reused on rerun when finished with the same inputs (`stages.py`); the report is
 always rewritten.
 """
 
@@ -37,7 +42,7 @@ from megadual.train.checkpoint import checkpoint_steps
 from megadual.train.loop import step_tag
 from megadual.train.tracking import plot_losses
 
-from .evaluate import judge_captions, judge_generation, load_held_out, read_back, reconstruction_quality
+from .evaluate import judge_captions, judge_generation, load_scene_shards, read_back, reconstruction_quality
 from .teacher import TeacherPlan, train_teacher
 from .probe import chance_levels, encode_code_set, probe_codes, read_token_codes
 from .report import save_judged_grid, write_report
@@ -122,7 +127,7 @@ def make_data(out: str, plan: DemoPlan) -> dict:
 
 def pretrain_teacher(out: str, data: StageRecord, plan: DemoPlan) -> dict:
     """The SigLIP tower the tokenizer starts from and distils its semantic codes from (teacher.py)."""
-    train = load_held_out(os.path.join(data.directory, "train"))  # the same reader: images, captions, labels
+    train = load_scene_shards(os.path.join(data.directory, "train"))
     tower_cfg = load_config(repo_path(TOKENIZER_CONFIG)).tokenizer.tower
     threads = torch.get_num_threads()
     torch.set_num_threads(min(RANKS, os.cpu_count() or 1))  # the stage has the machine to itself
@@ -204,7 +209,7 @@ def export_hf(out: str, mllm: StageRecord) -> dict:
 
 def evaluate(out: str, data: StageRecord, hf: StageRecord) -> dict:
     torch.manual_seed(0)
-    held_out = load_held_out(os.path.join(data.directory, "held_out"))
+    held_out = load_scene_shards(os.path.join(data.directory, "held_out"))
     loaded = load_for_inference(os.path.join(hf.directory, "hf"), device="cpu")
 
     started = time.perf_counter()
@@ -248,7 +253,7 @@ def probe(out: str, data: StageRecord, tokens: StageRecord, tokenizer: StageReco
     """What the codes carry (probe.py): probes trained on the token shards, scored on the held-out codes."""
     visual = DualTokenizer.from_pretrained(os.path.join(tokenizer.directory, "tokenizer"))
     train = read_token_codes(os.path.join(tokens.directory, "tokens"), limit=PROBE_TRAIN_CODES)
-    held_out = load_held_out(os.path.join(data.directory, "held_out"))
+    held_out = load_scene_shards(os.path.join(data.directory, "held_out"))
     test = encode_code_set(visual, held_out.images, held_out.labels)
     return {"probe": probe_codes(visual, train, test, steps=plan.probe_steps), "chance": chance_levels(),
             "train_samples": len(train), "held_out": len(test)}
@@ -257,7 +262,7 @@ def probe(out: str, data: StageRecord, tokens: StageRecord, tokenizer: StageReco
 def learning_curve(out: str, data: StageRecord, mllm: StageRecord) -> dict:
     """Held-out captioning and generation at the unified model's intermediate checkpoints
     (the last one is the evaluate stage's export)."""
-    held_out = load_held_out(os.path.join(data.directory, "held_out"))
+    held_out = load_scene_shards(os.path.join(data.directory, "held_out"))
     points = []
     for step in tqdm(checkpoint_steps(mllm.directory)[:-1], desc="learning curve", unit="checkpoint"):
         torch.manual_seed(0)
