@@ -118,26 +118,28 @@ def code_grid(tokenizer: DualTokenizer, codes: CodeSet, branch: str) -> torch.Te
     return vectors.transpose(1, 2).reshape(n, c, g, g).float()
 
 
-class _ConvProbe(nn.Module):
-    def __init__(self, channels: int, classes: dict[str, int], width: int = 32):
+class _Probe(nn.Module):
+    """A body that turns code grids into features [N, F], and one linear head per attribute."""
+
+    def __init__(self, body: nn.Module, features: int, classes: dict[str, int]):
         super().__init__()
-        self.body = nn.Sequential(nn.Conv2d(channels, width, 3, padding=1), nn.ReLU(),
-                                  nn.Conv2d(width, width, 3, padding=1), nn.ReLU())
-        self.heads = nn.ModuleDict({a: nn.Linear(width, k) for a, k in classes.items()})
-
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        pooled = self.body(x).mean(dim=(2, 3))  # [N, width]
-        return {a: head(pooled) for a, head in self.heads.items()}
-
-
-class _LinearProbe(nn.Module):
-    def __init__(self, features: int, classes: dict[str, int]):
-        super().__init__()
+        self.body = body
         self.heads = nn.ModuleDict({a: nn.Linear(features, k) for a, k in classes.items()})
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        flat = x.flatten(1)
-        return {a: head(flat) for a, head in self.heads.items()}
+        features = self.body(x)
+        return {a: head(features) for a, head in self.heads.items()}
+
+
+def _build_probe(kind: str, grid_shape: torch.Size, classes: dict[str, int], width: int = 32) -> _Probe:
+    """linear: the flattened grid; conv: two 3x3 convolutions, ReLU, global average pooling."""
+    channels = grid_shape[0]
+    if kind == "conv":
+        body = nn.Sequential(nn.Conv2d(channels, width, 3, padding=1), nn.ReLU(),
+                             nn.Conv2d(width, width, 3, padding=1), nn.ReLU(),
+                             nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        return _Probe(body, width, classes)
+    return _Probe(nn.Flatten(), grid_shape.numel(), classes)
 
 
 def fit_probe(kind: str, train_x: torch.Tensor, train_y: dict[str, torch.Tensor], test_x: torch.Tensor,
@@ -159,7 +161,7 @@ def fit_probe(kind: str, train_x: torch.Tensor, train_y: dict[str, torch.Tensor]
     generator = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        model = _ConvProbe(train_x.shape[1], classes) if kind == "conv" else _LinearProbe(train_x[0].numel(), classes)
+        model = _build_probe(kind, train_x.shape[1:], classes)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-2)
     for _ in range(steps):
         batch = torch.randint(0, train_x.shape[0], (batch_size,), generator=generator)
