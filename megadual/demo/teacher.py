@@ -106,12 +106,13 @@ def train_teacher(tower_cfg: VisionTowerConfig, images: list[Image.Image], capti
     optimizer = torch.optim.AdamW(params, lr=plan.lr, weight_decay=1e-4)
     pixels = from_pil(images, tower_cfg.image_size)  # [N, 3, H, W] in [-1, 1]
     generator = torch.Generator().manual_seed(plan.seed)
+    captions_seen: dict[str, int] = {}  # caption (after recolouring) -> an id, so matches compare ints
     losses = []
     for _ in tqdm(range(plan.steps), desc="teacher", unit="step"):
         batch = torch.randint(0, len(words), (plan.batch_size,), generator=generator)
         x, w = recolour(pixels[batch], [words[i] for i in batch.tolist()], plan.augment_fraction, generator)
-        keys = [" ".join(ws) for ws in w]
-        match = torch.tensor([[a == b for b in keys] for a in keys])
+        caption_ids = torch.tensor([captions_seen.setdefault(" ".join(ws), len(captions_seen)) for ws in w])
+        match = caption_ids[:, None] == caption_ids[None, :]  # equal captions match
         loss = sigmoid_loss(tower(pixel_values=x).pooler_output, text(w), match, log_scale, bias)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
