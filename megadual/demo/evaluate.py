@@ -4,11 +4,11 @@ Legend: B images, H x W pixels.
 
 - reconstruction: PSNR / SSIM of the tokenizer's decode(encode(x)) against x;
 - generation: an image per held-out caption, read back with `read_scene` (pixels only); right
-  when every attribute the caption names (shape, colour) is read back;
+  when every attribute the caption names (shape, colour, side) is read back;
 - captioning: a caption per held-out image; right when it parses and names every attribute of
   the image.
 
-Every verdict is also split by whether its (shape, colour) combination ever appeared in
+Every verdict is also split by whether its combination of attributes ever appeared in
 training (`Verdicts.summary`): the unseen ones measure compositional generalisation.
 
 The image reader itself is scored on the held-out originals and on their reconstructions
@@ -103,7 +103,7 @@ class Verdicts:
         return sum(j.correct for j in self.items) / max(1, len(self.items))
 
     def share_right(self, key: str) -> float:
-        """How often one attribute ("shape" or "colour") alone was right."""
+        """How often one attribute (one of scenes.ATTRIBUTES) alone was right."""
         return sum(j.seen[key] == j.expected[key] for j in self.items) / max(1, len(self.items))
 
     def where(self, unseen: bool) -> "Verdicts":

@@ -71,7 +71,7 @@ def probe_ceiling(probe: dict) -> dict[str, float]:
 
 
 def build_results(records: list[StageRecord], quick: bool, wall_s: float) -> dict:
-    """report.json: every figure of the run, fractions in [0, 1] (see the issue's list of keys)."""
+    """report.json: every figure of the run; accuracies are fractions in [0, 1]."""
     by = {r.name: r for r in records}
     ev, probe, mllm = by["evaluate"].figures, by["probe"].figures, by["mllm"].figures
     chance = dict(probe["chance"])
