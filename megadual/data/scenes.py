@@ -5,7 +5,7 @@
 A caption names three independent attributes: the shape, its colour and the side of the
 image it stands on. Almost a quarter of the (shape, colour, side) combinations never appear
 in training (`UNSEEN_COMBINATIONS`), chosen so that every pair of attribute values still does
-(a red triangle is trained on the right, never on the left). Held-out sets draw from every
+(a red circle is trained on the right, never on the left). Held-out sets draw from every
 combination, so captioning and generation on the unseen ones measure compositional
 generalisation.
 
