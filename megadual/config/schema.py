@@ -412,12 +412,17 @@ class TokenizerTrainConfig:
     dtype: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast (CUDA); weights and codebooks stay fp32
     gradient_checkpointing: bool = False  # recompute tower layers in backward
     zero_stage: Literal[0, 1, 2] = 0
+    # The tower's learning rate as a fraction of optim.lr: below 1 a pre-trained tower (tower.hf_path)
+    # drifts less from what it knew while the quantizers and the decoder learn at the full rate.
+    tower_lr_scale: float = 1.0
     save_every: int = 0  # 0: only at the end
     image_every: int = 0  # PNG grid of inputs vs reconstructions and codebook usage (0: off)
     wandb_project: Optional[str] = None  # log to wandb (mode from WANDB_MODE, default offline)
 
     def validate(self, prefix: str = "tokenizer_train") -> None:
         _positive(self, prefix, "steps", "micro_batch_size", "grad_accum")
+        if not 0 < self.tower_lr_scale <= 1:  # also refuses nan
+            raise ConfigError(f"{prefix}.tower_lr_scale", self.tower_lr_scale, "a fraction in (0, 1] of optim.lr")
         for name in ("save_every", "image_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{prefix}.{name}", getattr(self, name), "0 (off) or a positive integer")

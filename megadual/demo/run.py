@@ -286,7 +286,7 @@ def run_demo(out_dir: str, quick: bool = False, force: bool = False) -> dict:
                        "world": _world_fingerprint()}, [],
                       lambda d: make_data(d, plan))
     teacher = stages.run("teacher", "semantic teacher: a SigLIP tower pre-trained on the captions",
-                         {"steps": plan.teacher_steps, "config": tok_cfg}, [data],
+                         {**asdict(TeacherPlan(steps=plan.teacher_steps)), "config": tok_cfg}, [data],
                          lambda d: pretrain_teacher(d, data, plan))
     tokenizer = stages.run("tokenizer", f"DualToken tokenizer, {RANKS} ranks (deepspeed)",
                            {"steps": plan.tokenizer_steps, "config": tok_cfg}, [data, teacher],

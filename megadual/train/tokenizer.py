@@ -83,6 +83,18 @@ def _ds_config(cfg: Config, dp: int, optimizer: dict[str, Any]) -> dict[str, Any
     return deep_merge(ds, cfg.deepspeed)
 
 
+def _generator_param_groups(model: DualTokenizer, weight_decay: float, lr: float,
+                            tower_lr_scale: float) -> list[dict[str, Any]]:
+    """`param_groups` of everything but the tower at lr, then of the tower at lr x tower_lr_scale
+    (the schedule's LambdaLR scales each group's own rate, so the ratio holds throughout; the
+    first group's rate is the one metrics.jsonl logs)."""
+    tower_groups = [{**g, "lr": lr * tower_lr_scale} for g in param_groups(model.tower, weight_decay)]
+    in_tower = {id(p) for g in tower_groups for p in g["params"]}
+    rest = [{**g, "lr": lr, "params": [p for p in g["params"] if id(p) not in in_tower]}
+            for g in param_groups(model, weight_decay)]
+    return [g for g in rest + tower_groups if g["params"]]
+
+
 def _codebook_digest(model: DualTokenizer) -> dict[str, str]:
     """sha256 of each branch's codebook state (codebook, counts, sums): equal on every rank."""
     out = {}
@@ -141,7 +153,7 @@ def train_tokenizer(cfg: Config, resume: bool = False, show_progress: bool = Tru
     o = cfg.optim
     gen_engine, _, _, _ = deepspeed.initialize(
         model=model,
-        model_parameters=param_groups(model, o.weight_decay),
+        model_parameters=_generator_param_groups(model, o.weight_decay, o.lr, tcfg.tower_lr_scale),
         config=_ds_config(cfg, dp, {"type": "AdamW", "params": {
             "lr": o.lr, "betas": list(o.betas), "eps": o.eps, "weight_decay": o.weight_decay, "torch_adam": True}}),
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(

@@ -171,3 +171,23 @@ def test_semantic_teacher_is_the_initial_tower_or_the_named_directory(tmp_path):
     missing = _config(str(tmp_path / "run"), f"tokenizer.loss.semantic_teacher_path={tmp_path / 'nowhere'}")
     with pytest.raises(FileNotFoundError, match="semantic_teacher_path: .* is not a directory"):
         build_semantic_teacher(missing.tokenizer, model)
+
+
+def test_tower_learns_at_its_scaled_rate_and_everything_else_at_the_full_one(tmp_path):
+    from megadual.config import ConfigError
+    from megadual.train.tokenizer import _generator_param_groups
+
+    model = DualTokenizer(_config(str(tmp_path)).tokenizer, seed=0)
+    groups = _generator_param_groups(model, weight_decay=0.1, lr=1e-3, tower_lr_scale=0.1)
+    tower = {id(p) for p in model.tower.parameters()}
+    grouped = [p for g in groups for p in g["params"]]
+    assert sorted(map(id, grouped)) == sorted(id(p) for p in model.parameters() if p.requires_grad)  # each once
+    assert not any(id(p) in tower for p in groups[0]["params"])  # metrics.jsonl logs the first group's rate
+    for g in groups:
+        in_tower = {id(p) in tower for p in g["params"]}
+        assert len(in_tower) == 1  # a group is all tower or all the rest
+        assert g["lr"] == pytest.approx(1e-4 if in_tower == {True} else 1e-3)
+        assert g["weight_decay"] == (0.1 if all(p.dim() >= 2 for p in g["params"]) else 0.0)
+    for bad in ("0", "1.5", ".nan"):
+        with pytest.raises(ConfigError, match=r"tokenizer_train.tower_lr_scale: got .*, expected a fraction in \(0, 1\]"):
+            _config(str(tmp_path), f"tokenizer_train.tower_lr_scale={bad}")
