@@ -45,6 +45,7 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
     IsADirectoryError,
     NotADirectoryError,
     PermissionError,
+    OSError,  # a full or read-only disk: the messages name the path and the cause
 )
 
 

@@ -40,6 +40,8 @@ LAYERS: dict[str, tuple[int, str]] = {
     "megadual.config": (0, "config"),
     # Import-time fix for the CUDA-only torchvision wheel next to a CPU torch (torch only).
     "megadual._compat": (0, "compat"),
+    # Crash-safe file and directory writes (stdlib only).
+    "megadual.fs": (0, "fs"),
     "megadual.ops": (0, "ops"),
     "megadual.distributed": (1, "distributed package"),
     "megadual.distributed.topology": (1, "distributed.topology"),
@@ -71,7 +73,8 @@ LAYERS: dict[str, tuple[int, str]] = {
 ONLY_IMPORTS: dict[str, dict[str, tuple[str, ...] | None]] = {
     "megadual.config": {"internal": ("megadual.config",), "external": ("yaml",)},
     "megadual.ops": {"internal": ("megadual.ops", "megadual._C"), "external": ("torch",)},
-    "megadual.data": {"internal": ("megadual.config", "megadual.data"), "external": None},
+    "megadual.data": {"internal": ("megadual.config", "megadual.data", "megadual.fs"), "external": None},
+    "megadual.fs": {"internal": (), "external": ()},
 }
 
 # The only modules allowed to import deepspeed (prefixes).

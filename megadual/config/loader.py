@@ -17,6 +17,7 @@ import copy
 import dataclasses
 import difflib
 import functools
+import math
 import os
 import re
 import types
@@ -169,7 +170,7 @@ def _describe(tp: Any) -> str:
     if tp is int:
         return "an integer"
     if tp is float:
-        return "a number"
+        return "a finite number"
     if tp is str:
         return "a string"
     if _is_section(tp):
@@ -253,7 +254,8 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
             return value
         raise ConfigError(key, value, _describe(tp))
     if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        # inf and nan are YAML floats too (.inf, .nan); no setting here means anything by them.
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
             return float(value)
         raise ConfigError(key, value, _describe(tp))
     if tp is str:

@@ -83,11 +83,17 @@ class ParallelConfig:
     tp: int = 1
     pp: int = 1
     zero_stage: Literal[0, 1, 2, 3] = 0
+    # How long a collective may wait for a peer before the run stops naming the ranks that did
+    # not answer (torch's own default is 30 minutes; a checkpoint save of a large model is one
+    # collective, so keep it well above the longest save).
+    collective_timeout_s: float = 1800.0
 
     def validate(self, prefix: str = "parallel") -> None:
         for name in ("tp", "pp"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{prefix}.{name}", getattr(self, name), "a positive integer")
+        if self.collective_timeout_s <= 0:
+            raise ConfigError(f"{prefix}.collective_timeout_s", self.collective_timeout_s, "a positive number of seconds")
         if self.pp > 1 and self.zero_stage > 1:
             raise ConfigError(
                 f"{prefix}.zero_stage",
@@ -143,12 +149,13 @@ class TrainConfig:
     dtype: Literal["fp32", "bf16"] = "fp32"
     activation_checkpointing: bool = False
     save_every: int = 0  # 0: only at the end
+    max_skipped_steps: int = 10  # optimizer steps in a row with non-finite gradients before the run stops
     # A MegaDual init checkpoint (`megadual convert from-hf` / `reshard`) to start from; if it
     # carries a trainer position (a reshard of a run), training continues from that step.
     init_from: Optional[str] = None
 
     def validate(self, prefix: str = "train") -> None:
-        for name in ("steps", "seq_len", "micro_batch_size", "grad_accum"):
+        for name in ("steps", "seq_len", "micro_batch_size", "grad_accum", "max_skipped_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{prefix}.{name}", getattr(self, name), "a positive integer")
         if self.save_every < 0:
@@ -416,11 +423,12 @@ class TokenizerTrainConfig:
     # drifts less from what it knew while the quantizers and the decoder learn at the full rate.
     tower_lr_scale: float = 1.0
     save_every: int = 0  # 0: only at the end
+    max_skipped_steps: int = 10  # optimizer steps in a row with non-finite gradients before the run stops
     image_every: int = 0  # PNG grid of inputs vs reconstructions and codebook usage (0: off)
     wandb_project: Optional[str] = None  # log to wandb (mode from WANDB_MODE, default offline)
 
     def validate(self, prefix: str = "tokenizer_train") -> None:
-        _positive(self, prefix, "steps", "micro_batch_size", "grad_accum")
+        _positive(self, prefix, "steps", "micro_batch_size", "grad_accum", "max_skipped_steps")
         if not 0 < self.tower_lr_scale <= 1:  # also refuses nan
             raise ConfigError(f"{prefix}.tower_lr_scale", self.tower_lr_scale, "a fraction in (0, 1] of optim.lr")
         for name in ("save_every", "image_every"):
@@ -589,6 +597,12 @@ class Config:
             if self.backbone is None:
                 raise ConfigError("backbone", None, "a 'backbone:' section (the 'mllm:' section extends a backbone)")
             self.mllm.validate_with_backbone(self.backbone)
+            if self.parallel.pp > 1 and (self.mllm.trainable_stage != "all" or self.mllm.code_init != "learned"):
+                key, value = (("mllm.trainable_stage", self.mllm.trainable_stage) if self.mllm.trainable_stage != "all"
+                              else ("mllm.code_init", self.mllm.code_init))
+                raise ConfigError(key, value, f"{'all' if key.endswith('stage') else 'learned'} with "
+                                  f"parallel.pp={self.parallel.pp} (pipeline stages do not yet freeze parts or load "
+                                  "the tokenizer's code tables), or parallel.pp=1")
         if self.backbone is not None and self.parallel.pp > self.backbone.num_layers:
             raise ConfigError(
                 "parallel.pp", self.parallel.pp, f"at most backbone.num_layers={self.backbone.num_layers}"

@@ -1,7 +1,7 @@
 """Write converted tensors: a Hugging Face Qwen2 directory, or a MegaDual init checkpoint.
 
 Both writers build the output in a temporary sibling directory and rename it into place
-at the end (`megadual.models.hf_directory.atomic_output_dir`), so an interrupted conversion
+at the end (`megadual.fs.atomic_output_dir`), so an interrupted conversion
 never leaves a half-written output, and an existing output is replaced only when asked.
 
 The MegaDual init checkpoint format is described in megadual/train/init_checkpoint.py.
@@ -19,7 +19,8 @@ import torch
 from safetensors.torch import save_file
 
 from megadual.config.schema import BackboneConfig, MLLMConfig
-from megadual.models.hf_directory import atomic_output_dir, dtype_name, write_safetensors_shards
+from megadual.fs import atomic_output_dir
+from megadual.models.hf_directory import dtype_name, write_safetensors_shards
 from megadual.models.qwen2.hf_adapter import config_to_hf, to_hf_key
 from megadual.train.init_checkpoint import INIT_FORMAT, INIT_META, INIT_VERSION
 

@@ -33,6 +33,7 @@ from PIL import Image
 from megadual.config.schema import ImageDataConfig
 
 from .synthetic_images import synthetic_sample
+from .workers import die_with_parent
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +93,16 @@ class TarMember(NamedTuple):
     size: int
 
 
+class TarDamage(NamedTuple):
+    """Bytes of a tar shard that hold no readable member: the samples stored there are lost."""
+
+    start: int
+    end: int
+    reason: str
+
+
 _BLOCK = 512
+_ZERO_CHUNK = bytes(1 << 16)
 _USTAR_MAGIC = b"ustar\x0000"  # POSIX ustar magic + version, at bytes 257..264 of a header
 
 
@@ -111,7 +121,8 @@ def _plain_tar_members(f: BinaryIO, file_size: int) -> Optional[list[TarMember]]
         if len(header) < _BLOCK:
             return None
         if header == bytes(_BLOCK):
-            return members  # end-of-archive block
+            # The end-of-archive blocks, if only zeros follow; a zeroed header inside: not plain.
+            return members if _zeros_only(f, offset, file_size) and file_size - offset >= 2 * _BLOCK else None
         kind, magic = header[156:157], header[257:265]
         if magic != _USTAR_MAGIC or kind not in (b"0", b"5"):
             return None
@@ -132,25 +143,76 @@ def _plain_tar_members(f: BinaryIO, file_size: int) -> Optional[list[TarMember]]
         offset = data + -(-size // _BLOCK) * _BLOCK
 
 
-def tar_samples(shard: str) -> list[tuple[str, dict[str, TarMember]]]:
-    """Every sample of one tar shard: (key, {extension: member}), in member order.
+def _zeros_only(f: BinaryIO, start: int, end: int) -> bool:
+    """Whether bytes [start, end) of `f` are all zero (padding)."""
+    f.seek(start)
+    while start < end:
+        chunk = f.read(min(len(_ZERO_CHUNK), end - start))
+        if not chunk:
+            return True
+        if chunk != _ZERO_CHUNK[: len(chunk)]:
+            return False
+        start += len(chunk)
+    return True
+
+
+def _tolerant_tar_members(f: BinaryIO, file_size: int) -> tuple[list[TarMember], list[TarDamage]]:
+    """Every member tarfile can read, past unreadable blocks (it skips them one at a time and
+    resumes at the next valid header), and the ranges between members that held something.
 
     Raises:
-        ValueError: the file is not a readable tar (or is cut short).
+        tarfile.ReadError: not a tar at all (no readable header anywhere).
+    """
+    members, damage = [], []
+    expected = 0  # where the next header should start
+    f.seek(0)
+    tar = tarfile.open(fileobj=f, mode="r:", ignore_zeros=True)
+    try:
+        for m in tar:
+            if m.offset > expected and not _zeros_only(f, expected, m.offset):
+                damage.append(TarDamage(expected, m.offset, "unreadable tar header blocks (garbled)"))
+            if m.offset_data + m.size > file_size:
+                damage.append(TarDamage(m.offset, file_size, f"member {m.name!r} is cut short: "
+                                        f"{file_size - m.offset_data} of its {m.size} bytes are there"))
+                return members, damage
+            if m.isfile():
+                members.append(TarMember(m.name, m.offset_data, m.size))
+            expected = m.offset_data + -(-m.size // _BLOCK) * _BLOCK if m.isfile() else m.offset_data
+    except tarfile.ReadError as exc:  # a broken extension header: nothing after it can be placed
+        damage.append(TarDamage(expected, file_size, f"unreadable tar header ({exc})"))
+        return members, damage
+    finally:
+        tar.close()
+    if not _zeros_only(f, expected, file_size):
+        if expected == 0:  # not one header anywhere: not a tar
+            raise tarfile.ReadError(f"no readable tar header in its {file_size} bytes")
+        damage.append(TarDamage(expected, file_size, "unreadable tar header blocks (garbled or cut)"))
+    elif file_size - expected < 2 * _BLOCK:  # every tar writer ends with two zero blocks
+        damage.append(TarDamage(expected, file_size, "the tar ends without its end-of-archive blocks (cut short)"))
+    return members, damage
+
+
+def tar_samples(shard: str) -> tuple[list[tuple[str, dict[str, TarMember]]], list[TarDamage]]:
+    """Every readable sample of one tar shard, (key, {extension: member}) in member order, and
+    the byte ranges of the shard that held members that could not be read (cut or garbled).
+
+    Raises:
+        ValueError: the file is not a tar at all.
     """
     with open(shard, "rb") as f:
-        members = _plain_tar_members(f, os.fstat(f.fileno()).st_size)
-    if members is None:
-        try:
-            with tarfile.open(shard, "r:") as tar:
-                members = [TarMember(m.name, m.offset_data, m.size) for m in tar if m.isfile()]
-        except tarfile.TarError as exc:
-            raise ValueError(f"images.paths: {shard} is not a readable tar shard ({exc}); remove or rebuild it") from exc
+        size = os.fstat(f.fileno()).st_size
+        members, damage = _plain_tar_members(f, size), []
+        if members is None:
+            try:
+                members, damage = _tolerant_tar_members(f, size)
+            except tarfile.TarError as exc:
+                raise ValueError(f"images.paths: {shard} is not a readable tar shard ({exc}); "
+                                 "remove or rebuild it") from exc
     samples: dict[str, dict[str, TarMember]] = {}
     for member in members:
         key, ext = _split_name(member.name)
         samples.setdefault(key, {})[ext] = member
-    return list(samples.items())  # dicts keep first-seen order
+    return list(samples.items()), damage  # dicts keep first-seen order
 
 
 def image_member(parts: dict[str, TarMember]) -> Optional[TarMember]:
@@ -170,7 +232,11 @@ def index_shards(paths: Sequence[str]) -> list[ImageRecord]:
     """
     records: list[ImageRecord] = []
     for shard in _expand(paths, (".tar",)):
-        for key, parts in tar_samples(shard):
+        samples, damage = tar_samples(shard)
+        for lost in damage:
+            logger.warning("images.paths: %s, bytes %d-%d: %s; the samples stored there are left out",
+                           shard, lost.start, lost.end, lost.reason)
+        for key, parts in samples:
             image = image_member(parts)
             if image is None:
                 continue
@@ -385,7 +451,7 @@ class ImageBatchLoader:
         else:
             loader = torch.utils.data.DataLoader(
                 self.dataset, batch_sampler=batches, num_workers=self.num_workers, collate_fn=_collate,
-                persistent_workers=False,
+                persistent_workers=False, worker_init_fn=die_with_parent,
             )
             self._iter = iter(loader)
 

@@ -29,6 +29,7 @@ from megadual.config.schema import PackedLoaderConfig
 from .mm_sequence import SpecialTokens
 from .mm_stream import ROW_COUNTERS, SAMPLE_COUNTERS, PackedStream, ShardRef, copy_state, initial_state
 from .token_shards import Manifest, read_manifest
+from .workers import die_with_parent
 
 STATE_VERSION = 1
 _MUST_AGREE = ("tokenizer_checkpoint_sha256", "text_tokenizer", "pixel_codebook_size", "semantic_codebook_size",
@@ -129,7 +130,7 @@ class PackedMultimodalLoader:
         return iter(
             DataLoader(
                 dataset, batch_size=None, num_workers=self.cfg.num_workers,
-                prefetch_factor=self.cfg.prefetch_factor, persistent_workers=False,
+                prefetch_factor=self.cfg.prefetch_factor, persistent_workers=False, worker_init_fn=die_with_parent,
             )
         )
 

@@ -15,22 +15,9 @@ import os
 import tarfile
 from typing import Iterable
 
+from megadual.fs import write_atomic
+
 from .token_shards import MANIFEST_NAME, Manifest, ShardEntry, TokenSample, check_key, encode_sample
-
-
-def write_atomic(path: str, data: bytes) -> None:
-    """Write `data` to `path` through a temporary file and a rename (never a partial file)."""
-    directory = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _member_info(name: str, size: int) -> tarfile.TarInfo:

@@ -144,6 +144,9 @@ def read_manifest(directory: str) -> Manifest:
         TokenShardError: missing or invalid manifest (see `Manifest.from_json`).
     """
     path = os.path.join(directory, MANIFEST_NAME)
+    if not os.path.isdir(directory):
+        raise TokenShardError(directory, None, "does not exist" if not os.path.exists(directory) else "is not a directory",
+                              "point the loader at an extraction output directory")
     if not os.path.exists(path):
         raise TokenShardError(
             directory, None, f"no {MANIFEST_NAME} in the directory", "point the loader at an extraction output directory"

@@ -11,7 +11,10 @@ import os
 import random
 import socket
 import sys
+import time
 from dataclasses import dataclass
+from datetime import timedelta
+from typing import Optional
 
 import torch
 
@@ -70,8 +73,16 @@ def _skip_shm_comm_build() -> None:
         module.build_shm_op = lambda: None
 
 
-def init_distributed() -> ProcessInfo:
-    """Initialise torch.distributed through DeepSpeed (idempotent) and pick this rank's device."""
+DEFAULT_COLLECTIVE_TIMEOUT_S = 1800.0  # torch's own default
+
+
+def init_distributed(collective_timeout_s: float = DEFAULT_COLLECTIVE_TIMEOUT_S) -> ProcessInfo:
+    """Initialise torch.distributed through DeepSpeed (idempotent) and pick this rank's device.
+
+    Args:
+        collective_timeout_s: how long a collective waits for its peers before it raises
+            (a group that is already initialised keeps its own).
+    """
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
@@ -88,7 +99,13 @@ def init_distributed() -> ProcessInfo:
         _skip_shm_comm_build()
         device = torch.device("cpu")
     if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+        timeout = timedelta(seconds=collective_timeout_s)
+        # Groups made later with no timeout of their own (DeepSpeed clones the world for data
+        # parallelism, the topology makes tp/pp/dp groups) take torch's module default, 30
+        # minutes, not the world's: set that default too, so every collective honours the setting.
+        c10d = torch.distributed.distributed_c10d
+        c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = timeout
+        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", timeout=timeout)
     elif not deepspeed.comm.is_initialized():
         deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
     return ProcessInfo(
@@ -97,3 +114,47 @@ def init_distributed() -> ProcessInfo:
         world_size=torch.distributed.get_world_size(),
         device=device,
     )
+
+
+class CollectiveTimeoutError(TimeoutError):
+    """A collective waited past `parallel.collective_timeout_s` for a peer (stopped, hung or dead)."""
+
+
+# How the backends word a collective that waited past its timeout (gloo; NCCL's watchdog).
+_TIMEOUT_WORDING = ("Timed out waiting", "collective operation timeout")
+
+
+def is_collective_timeout(error: BaseException) -> bool:
+    return isinstance(error, RuntimeError) and any(w in str(error) for w in _TIMEOUT_WORDING)
+
+
+def unanswering_ranks(grace_s: float = 5.0) -> Optional[list[int]]:
+    """After a collective timed out: the ranks that do not answer within `grace_s`.
+
+    Every rank still running marks itself in the rendezvous store and waits for the others'
+    marks; the ranks whose mark never comes are the ones that stopped. None when the store
+    does not answer either (it lives in rank 0's process, which is then among them).
+    """
+    store = torch.distributed.distributed_c10d._get_default_store()
+    world = torch.distributed.get_world_size()
+    keys = [f"megadual/answered/{r}" for r in range(world)]
+    try:
+        store.set_timeout(timedelta(seconds=grace_s))
+        store.set(keys[torch.distributed.get_rank()], "1")
+        deadline = time.monotonic() + grace_s
+        while True:
+            missing = [r for r, k in enumerate(keys) if not store.check([k])]
+            if not missing or time.monotonic() > deadline:
+                return missing
+            time.sleep(0.1)
+    except RuntimeError:
+        return None
+
+
+def collective_timeout_error(error: BaseException, timeout_s: float) -> CollectiveTimeoutError:
+    """One line naming the ranks that did not answer a timed-out collective."""
+    missing = unanswering_ranks()
+    who = ("rank 0 (it holds the rendezvous store, which does not answer either)" if missing is None
+           else f"rank(s) {', '.join(map(str, missing))}" if missing else "a rank that answered too late")
+    return CollectiveTimeoutError(f"{who} did not answer a collective within parallel.collective_timeout_s="
+                                  f"{timeout_s:g} s (stopped, hung or dead; {str(error).strip().splitlines()[0]})")

@@ -42,6 +42,41 @@ class LoadedMLLM:
     device: torch.device
 
 
+def _inference_device(device: Optional[str]) -> torch.device:
+    """--device as a torch device (default: CUDA when present), refused in plain words when
+    this torch cannot use it."""
+    try:
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as e:
+        raise ValueError(f"--device {device!r} is not a device torch knows ({_first_line(e)}); use cpu or cuda") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: this torch has no usable CUDA (torch.cuda.is_available() is False); "
+                         "use --device cpu")
+    return dev
+
+
+def _first_line(error: BaseException) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+
+
+def open_image(path: str) -> Image.Image:
+    """The RGB image at `path`, decoded now, so a bad file is named before any model loads.
+
+    Raises:
+        FileNotFoundError: no such file; IsADirectoryError: a directory;
+        ValueError: not an image, or a truncated / corrupt one.
+    """
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"image {path} is a directory; pass image files")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"image {path} does not exist")
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, SyntaxError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
+        raise ValueError(f"image {path} cannot be decoded ({_first_line(e)})") from e
+
+
 def load_for_inference(ckpt: str, tag: Optional[str] = None, device: Optional[str] = None) -> LoadedMLLM:
     """Model, visual tokenizer and text tokenizer of a stage-2 run directory or of an export
     directory (`megadual convert to-hf`; `tag` does not apply to it).
@@ -51,7 +86,7 @@ def load_for_inference(ckpt: str, tag: Optional[str] = None, device: Optional[st
             config.json); no checkpoint / tokenizer directory.
         ConfigError: the run or export names no visual tokenizer.
     """
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = _inference_device(device)
     if is_mllm_export(ckpt):
         if tag is not None:
             raise ValueError(f"{ckpt} is an export directory (one set of weights); tag={tag!r} applies to run directories")
@@ -150,12 +185,8 @@ def generate_main(args) -> int:
 def caption_main(args) -> int:
     """`megadual caption`: one line per --image."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    images = [open_image(path) for path in args.image]
     loaded = load_for_inference(args.ckpt, device=args.device)
-    images = []
-    for path in args.image:
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"image {path} does not exist")
-        images.append(Image.open(path))
     for path, text in zip(args.image, caption_images(loaded, images, args.max_new_tokens, args.temperature, args.seed)):
         print(f"{path}\t{text}")
     return 0

@@ -1,5 +1,6 @@
 """Writing Hugging Face-style weight directories: streamed safetensors shards plus an index,
-built in a temporary directory that is renamed into place only when complete.
+built in a temporary directory that is renamed into place only when complete
+(`megadual.fs.atomic_output_dir`).
 
 Shared by every writer of such a directory (the backbone's `megadual convert to-hf`, the
 unified model's export and `DualTokenMLLM.save_pretrained`), so they shard, name and index
@@ -10,10 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
-from contextlib import contextmanager
-from typing import Iterable, Iterator, Optional
+from typing import Iterable, Optional
 
 import torch
 from safetensors.torch import save_file
@@ -24,30 +22,6 @@ WEIGHTS_INDEX = "model.safetensors.index.json"
 TEXT_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                         "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja",
                         "chat_template.json", "generation_config.json")
-
-
-@contextmanager
-def atomic_output_dir(out_dir: str, overwrite: bool) -> Iterator[str]:
-    """Yield a temporary directory that becomes `out_dir` only if the block completes.
-
-    Raises:
-        FileExistsError: `out_dir` exists and `overwrite` is False.
-    """
-    out_dir = os.path.abspath(out_dir)
-    if os.path.exists(out_dir) and not overwrite:
-        raise FileExistsError(f"{out_dir} exists; pass --overwrite to replace it")
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    # A sibling, not /tmp: the final rename must stay on one file system to be atomic.
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
-    try:
-        yield tmp
-        if os.path.exists(out_dir):
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def parse_size(text: str) -> int:

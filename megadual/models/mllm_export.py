@@ -41,11 +41,11 @@ import torch
 from megadual.config.errors import ConfigError
 from megadual.config.loader import section_from_dict
 from megadual.config.schema import BackboneConfig, MLLMConfig
+from megadual.fs import atomic_output_dir
 
 from .hf_directory import (
     TEXT_TOKENIZER_FILES,
     WEIGHTS_INDEX,
-    atomic_output_dir,
     dtype_name,
     write_safetensors_shards,
 )

@@ -36,9 +36,11 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from megadual.data.shard_writer import ShardBuilder, write_atomic, write_manifest
+from megadual.data.shard_writer import ShardBuilder, write_manifest
 from megadual.data.text_tokenizers import BYTES
 from megadual.data.token_shards import Manifest, ShardEntry
+from megadual.data.workers import die_with_parent
+from megadual.fs import write_atomic
 
 from .extract_batches import ShardBatches
 from .extract_inputs import InputShard, list_input_shards
@@ -307,6 +309,7 @@ def _run(opts: ExtractOptions, tokenizer, device: torch.device, shards: Sequence
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=None, num_workers=opts.num_workers, collate_fn=ShardBatches.collate_fn,
         pin_memory=device.type == "cuda", prefetch_factor=4 if opts.num_workers else None,
+        worker_init_fn=die_with_parent,
     )
 
     def finish(pos: int, samples, skipped: list[dict]) -> None:  # on the writer thread

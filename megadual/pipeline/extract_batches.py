@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import re
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Callable, Iterator, Optional, Sequence, Union
 
@@ -88,6 +89,12 @@ def _read(f: BinaryIO, offset: int, size: int) -> bytes:
 def _read_file(path: str) -> bytes:
     with open(path, "rb") as f:
         return f.read()
+
+
+def _reproducible(exc: BaseException) -> str:
+    """An error as a manifest reason that is the same on every run: PIL names the in-memory file
+    it read ("<_io.BytesIO object at 0x7f...>"), whose address changes from run to run."""
+    return f"{type(exc).__name__}: " + re.sub(r" object at 0x[0-9a-fA-F]+>", " object>", str(exc))
 
 
 def _identity(batch: InputBatch) -> InputBatch:
@@ -172,7 +179,7 @@ class ShardBatches(torch.utils.data.IterableDataset):
                 size = (img.height, img.width)
                 pixels = crop_uint8(img, self.image_size)
         except Exception as exc:  # noqa: BLE001 - any decoder failure makes the sample unusable
-            return InputItem(key, source_key, (0, 0), "", _NO_IDS, f"{type(exc).__name__}: {exc}"), None
+            return InputItem(key, source_key, (0, 0), "", _NO_IDS, _reproducible(exc)), None
         if self._text is None:
             self._text = load_text_tokenizer(self.text_spec)
         text_ids = np.asarray(self._text.encode(caption), dtype=np.int32)  # one buffer to pickle, not a list

@@ -146,7 +146,7 @@ def index(shard: InputShard) -> tuple[list[tuple[str, str, ImageRecord]], list[d
     Returns:
         (samples, skipped): samples are (output key, source key, record), in input order;
         skipped are {"source", "key", "reason"} manifest entries for samples without an
-        image or a caption. The source key is relative to the input (tar basename + key, or
+        image or a caption, and for byte ranges of a cut or garbled tar (key "TAR:bytes A-B"). The source key is relative to the input (tar basename + key, or
         the file path relative to its folder), so it does not depend on where the inputs
         were mounted.
 
@@ -157,9 +157,12 @@ def index(shard: InputShard) -> tuple[list[tuple[str, str, ImageRecord]], list[d
     out, skipped = [], []
     if shard.path is not None:
         tar = os.path.basename(shard.path)
-        groups = tar_samples(shard.path)
-        if not groups:
+        groups, damage = tar_samples(shard.path)
+        if not groups and not damage:
             raise ValueError(f"{shard.source} holds no samples (an empty tar)")
+        for lost in damage:  # a range, not a key: what was stored there cannot be named
+            skipped.append({"source": shard.source, "key": f"{tar}:bytes {lost.start}-{lost.end}",
+                            "reason": f"{lost.reason}; the samples stored there are lost"})
         for name, parts in groups:
             reason = _missing(parts)
             if reason:

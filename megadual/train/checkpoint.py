@@ -1,31 +1,131 @@
-"""Reading trained weights back out of a DeepSpeed run directory.
+"""Committing training checkpoints, and reading trained weights back out of a run directory.
 
-Layout: <run>/checkpoints/step_000123/ as DeepSpeed writes it, and <run>/checkpoints/latest
-naming the newest complete tag (DeepSpeed updates it only after every rank has written).
-Whole-model weights are read here for the layouts that store them whole (tp = pp = 1);
-ZeRO-3 partitions are consolidated with DeepSpeed's own `zero_to_fp32`.
+Layout: <run>/checkpoints/step_000123/ as DeepSpeed writes it, plus two files of ours:
+
+    step_000123/complete.json   written last: every file of the tag and its size
+    latest                      the newest committed tag
+
+DeepSpeed's own `latest` is written by rank 0 before the other ranks have finished their files
+(0.19.8 does not wait), so a crash in that window left `latest` naming a checkpoint that cannot
+be loaded. Here every rank flushes its files to disk, the ranks meet at a barrier, and only then
+does rank 0 record the tag (`commit_checkpoint`); both files are replaced atomically. A reader
+trusts `latest` only when its tag is complete and otherwise falls back to the newest complete
+tag (`newest_complete_tag`).
+
+Whole-model weights are read here for the layouts that store them whole (tp = pp = 1); ZeRO-3
+partitions are consolidated with DeepSpeed's own `zero_to_fp32`.
 """
 
 from __future__ import annotations
 
 import glob
+import json
+import logging
 import os
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
+from megadual.fs import fsync_directory, write_atomic
+
+logger = logging.getLogger(__name__)
+
 CHECKPOINTS = "checkpoints"
+LATEST = "latest"
+COMPLETE = "complete.json"
+
+
+def _tag_files(tag_dir: str) -> dict[str, int]:
+    """Every file under `tag_dir` but the completion record: relative path -> size in bytes."""
+    files = {}
+    for parent, _, names in os.walk(tag_dir):
+        for name in names:
+            path = os.path.join(parent, name)
+            rel = os.path.relpath(path, tag_dir)
+            if rel != COMPLETE:
+                files[rel] = os.path.getsize(path)
+    return files
+
+
+def flush_tag(tag_dir: str) -> None:
+    """fsync every file and directory of a tag (what this rank wrote is on disk after it)."""
+    for parent, _, names in os.walk(tag_dir):
+        for name in names:
+            fd = os.open(os.path.join(parent, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_directory(parent)
+
+
+def commit_checkpoint(root: str, tag: str, is_writer: bool, barrier: Callable[[], None]) -> None:
+    """Make `tag` the newest complete checkpoint under `root` (collective: call on every rank).
+
+    Every rank flushes the tag's files, then `barrier()`; rank 0 (`is_writer`) then writes
+    complete.json (the tag's files and sizes) and points `latest` at the tag.
+    """
+    tag_dir = os.path.join(root, tag)
+    flush_tag(tag_dir)
+    barrier()
+    if is_writer:
+        write_atomic(os.path.join(tag_dir, COMPLETE), json.dumps({"tag": tag, "files": _tag_files(tag_dir)},
+                                                                  indent=1, sort_keys=True))
+        write_atomic(os.path.join(root, LATEST), tag)
+
+
+def incomplete_reason(tag_dir: str) -> Optional[str]:
+    """Why the checkpoint in `tag_dir` cannot be loaded, or None when it is complete."""
+    marker = os.path.join(tag_dir, COMPLETE)
+    if not os.path.isfile(marker):
+        return f"{marker} is missing (its save never finished)"
+    try:
+        with open(marker, encoding="utf-8") as f:
+            files = json.load(f)["files"]
+    except (OSError, ValueError, KeyError) as e:
+        return f"{marker} is unreadable ({e})"
+    for rel, size in sorted(files.items()):
+        path = os.path.join(tag_dir, rel)
+        if not os.path.isfile(path):
+            return f"{path} is missing"
+        if os.path.getsize(path) != size:
+            return f"{path} has {os.path.getsize(path)} bytes, {size} were written"
+    return None
+
+
+def _step_tags(root: str) -> list[str]:
+    """Names of the step_N directories under `root`, newest step first."""
+    tags = [os.path.basename(n) for n in glob.glob(os.path.join(root, "step_*")) if os.path.isdir(n)]
+    return sorted(tags, key=lambda t: int(t.removeprefix("step_")), reverse=True)
+
+
+def newest_complete_tag(root: str) -> Optional[str]:
+    """The tag `latest` names when it is complete, else the newest complete step tag (saying
+    why `latest` was passed over), else None (no checkpoint to resume from)."""
+    latest_path = os.path.join(root, LATEST)
+    latest = None
+    if os.path.isfile(latest_path):
+        with open(latest_path, encoding="utf-8") as f:
+            latest = f.read().strip()
+        reason = incomplete_reason(os.path.join(root, latest))
+        if reason is None:
+            return latest
+        logger.warning("checkpoint %s named by %s is incomplete: %s", latest, latest_path, reason)
+    for tag in _step_tags(root):
+        if tag != latest and incomplete_reason(os.path.join(root, tag)) is None:
+            if latest is not None:
+                logger.warning("using %s, the newest complete checkpoint under %s", tag, root)
+            return tag
+    return None
 
 
 def checkpoint_tag_dir(run_dir: str, tag: Optional[str] = None) -> str:
     """The directory of checkpoint `tag`, default the newest complete one."""
     root = os.path.join(run_dir, CHECKPOINTS)
     if tag is None:
-        latest = os.path.join(root, "latest")
-        if not os.path.isfile(latest):
-            raise FileNotFoundError(f"{run_dir} has no complete checkpoint ({latest} is missing)")
-        with open(latest, encoding="utf-8") as f:
-            tag = f.read().strip()
+        tag = newest_complete_tag(root)
+        if tag is None:
+            raise FileNotFoundError(f"{run_dir} has no complete checkpoint under {root}")
     path = os.path.join(root, tag)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"checkpoint {path} does not exist")

@@ -22,14 +22,14 @@ import torch
 from tqdm import tqdm
 
 from megadual.config import Config, config_to_dict, dump_config
-from megadual.distributed.runtime import ProcessInfo, init_distributed
+from megadual.distributed.runtime import ProcessInfo, collective_timeout_error, init_distributed, is_collective_timeout
 from megadual.distributed.topology import Topology, plan_layout
 
+from .checkpoint import CHECKPOINTS, commit_checkpoint, newest_complete_tag
+from .nonfinite import NonFiniteGuard, NonFiniteTrainingError, weights_finite
 from .tracking import StepLog, plot_losses
 
 logger = logging.getLogger(__name__)
-
-CHECKPOINTS = "checkpoints"
 
 
 @dataclass
@@ -50,12 +50,13 @@ class LoopSettings:
     save_every: int  # 0: only at the end
     wandb_project: Optional[str]
     init_from: Optional[str] = None  # an init checkpoint whose trainer position a run continues
+    max_skipped_steps: int = 10  # non-finite optimizer steps in a row before the run stops (nonfinite.py)
 
     @classmethod
     def of_train(cls, cfg: Config) -> "LoopSettings":
         """The `train` section's (with `run.wandb_project`): the LM and unified-model trainers."""
         t = cfg.train
-        return cls(t.steps, t.grad_accum, t.save_every, cfg.run.wandb_project, t.init_from)
+        return cls(t.steps, t.grad_accum, t.save_every, cfg.run.wandb_project, t.init_from, t.max_skipped_steps)
 
 
 @dataclass
@@ -137,12 +138,43 @@ def step_tag(step: int) -> str:
 
 
 def latest_step(run_dir: str) -> Optional[int]:
-    """The step of the newest complete DeepSpeed checkpoint (its `latest` file), or None."""
-    latest = os.path.join(run_dir, CHECKPOINTS, "latest")
-    if not os.path.isfile(latest):
-        return None
-    with open(latest, encoding="utf-8") as f:
-        return int(f.read().strip().removeprefix("step_"))
+    """The step of the newest complete checkpoint (checkpoint.newest_complete_tag), or None."""
+    tag = newest_complete_tag(os.path.join(run_dir, CHECKPOINTS))
+    return None if tag is None else int(tag.removeprefix("step_"))
+
+
+def _barrier() -> None:
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.barrier()
+
+
+def _all_ranks_true(value: bool) -> bool:
+    flag = torch.tensor([0.0 if value else 1.0])
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        if torch.distributed.get_backend() == "nccl":
+            flag = flag.cuda()
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return not bool(flag.item())
+
+
+def _unwritable_checkpoint(tag_dir: str, error: BaseException) -> OSError:
+    """One line naming the checkpoint, the cause and the space left; `latest` still names the last complete one."""
+    import shutil
+
+    cause = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    try:
+        free = f"{shutil.disk_usage(os.path.dirname(tag_dir)).free / 2**30:.2f} GiB free there"
+    except OSError:
+        free = "its disk cannot be read"
+    return OSError(f"cannot write checkpoint {tag_dir} ({cause}); {free}: free space or point run.out_dir at "
+                   "another disk, then --resume from the last complete checkpoint")
+
+
+def _stop_non_finite(message: str, run_dir: str) -> NonFiniteTrainingError:
+    last_good = latest_step(run_dir)
+    where = (f"the last good checkpoint is {os.path.join(run_dir, CHECKPOINTS, step_tag(last_good))}"
+             if last_good is not None else "no checkpoint was written")
+    return NonFiniteTrainingError(f"{message}; {where} (lower optim.lr or check the data, then --resume)")
 
 
 def limit_threads(world_size: int) -> None:
@@ -157,7 +189,7 @@ def start_processes(cfg: Config) -> ProcessInfo:
     """Share the cores between this host's ranks, start the process group, and write the
     resolved config into the run directory (rank 0)."""
     limit_threads(int(os.environ.get("WORLD_SIZE", "1")))
-    info = init_distributed()
+    info = init_distributed(cfg.parallel.collective_timeout_s)
     if info.rank == 0:
         os.makedirs(cfg.run.out_dir, exist_ok=True)
         dump_config(cfg, os.path.join(cfg.run.out_dir, "config.yaml"))
@@ -206,11 +238,12 @@ def run_loop(cfg: Config, job: TrainingJob, info: ProcessInfo, resume: bool, sho
     is_writer = info.rank == 0
 
     start_step = 0
-    if resume and latest_step(run_dir) is not None:
-        _, client_state = engine.load_checkpoint(checkpoint_root)
+    resume_tag = newest_complete_tag(checkpoint_root) if resume else None
+    if resume_tag is not None:
+        _, client_state = engine.load_checkpoint(checkpoint_root, tag=resume_tag)
         start_step = client_state["step"]
         if job.load_extra is not None:
-            job.load_extra(os.path.join(checkpoint_root, step_tag(start_step)))
+            job.load_extra(os.path.join(checkpoint_root, resume_tag))
         loader.load_state_dict(own_loader_state(client_state["loader"], job.dp_rank, job.dp_size))
         logger.info("resumed from %s at step %d", checkpoint_root, start_step)
     elif settings.init_from:
@@ -220,15 +253,27 @@ def run_loop(cfg: Config, job: TrainingJob, info: ProcessInfo, resume: bool, sho
     log = StepLog(run_dir, settings.wandb_project, config_to_dict(cfg), is_writer, cfg.run.log_every, total)
 
     def save(step: int) -> None:
-        # Collective: every rank writes its partitions; `latest` is updated once all are written.
+        # Collective: every rank writes its partitions; `latest` moves once all are on disk.
+        if not _all_ranks_true(weights_finite(engine.module)):
+            raise _stop_non_finite(f"the weights hold inf or nan at step {step}: no checkpoint is written", run_dir)
         loaders = gather_loader_states(loader, job.dp_rank, job.dp_size)
+        tag = step_tag(step)
         if job.save_extra is not None:
-            job.save_extra(os.path.join(checkpoint_root, step_tag(step)))
-        engine.save_checkpoint(checkpoint_root, tag=step_tag(step), client_state={"loader": loaders, "step": step})
+            job.save_extra(os.path.join(checkpoint_root, tag))
+        try:
+            engine.save_checkpoint(checkpoint_root, tag=tag, client_state={"loader": loaders, "step": step},
+                                   save_latest=False)
+        except (OSError, RuntimeError) as e:  # torch.save reports a full disk as "[enforce fail at ...]"
+            if is_collective_timeout(e):
+                raise
+            raise _unwritable_checkpoint(os.path.join(checkpoint_root, tag), e) from e
+        commit_checkpoint(checkpoint_root, tag, is_writer, _barrier)
         if is_writer:
             log.flush()
             plot_losses(log.path, os.path.join(run_dir, "loss.png"), job.plot_keys)
 
+    guard = NonFiniteGuard(engine)
+    skipped_in_a_row = 0
     first: dict[str, Any] = {}
     record: dict[str, Any] = {}
     engine.train()
@@ -239,20 +284,29 @@ def run_loop(cfg: Config, job: TrainingJob, info: ProcessInfo, resume: bool, sho
             started = time.perf_counter()
             lr = engine.get_lr()[0]
             result = job.step([next(loader) for _ in range(settings.grad_accum)])
+            guard.step_done()
             record = {"step": step + 1, "loss": result.loss, "lr": lr, "grad_norm": result.grad_norm}
             if job.tokens_per_step is not None:
                 record["tokens"] = job.tokens_per_step
-            record.update(step_time=time.perf_counter() - started, **result.parts)
+            record.update(step_time=time.perf_counter() - started, skipped_steps=guard.skipped, **result.parts)
             first = first or record
             if log.write(record):
                 progress.set_postfix({k: f"{record[k]:.4g}" for k in job.progress_keys if record.get(k) is not None})
             if job.after_step is not None:
                 job.after_step(record)
             progress.update(1)
+            skipped_in_a_row = skipped_in_a_row + 1 if guard.skipped_last else 0
+            if skipped_in_a_row >= settings.max_skipped_steps:
+                raise _stop_non_finite(f"{skipped_in_a_row} optimizer steps in a row had inf or nan gradients "
+                                       f"(loss {result.loss}) and were skipped, up to step {step + 1}", run_dir)
             if settings.save_every and (step + 1) % settings.save_every == 0 and step + 1 < total:
                 save(step + 1)
         if start_step < total:
             save(total)
+    except RuntimeError as e:  # a peer that stopped answering: name it instead of a backend's stack
+        if not is_collective_timeout(e):
+            raise
+        raise collective_timeout_error(e, cfg.parallel.collective_timeout_s) from e
     finally:
         progress.close()
         log.close()

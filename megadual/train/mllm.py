@@ -49,6 +49,19 @@ def check_mllm_config(cfg: Config) -> None:
         )
 
 
+def check_shards_match(cfg: Config, manifest) -> None:
+    """The unified model's visual sizes must be the token shards' (a larger code table would
+    train silently on codes that never occur; a smaller one fails mid-run).
+
+    Raises:
+        ConfigError: the first `mllm` size that differs from the shards' manifest.
+    """
+    for name in ("pixel_codebook_size", "semantic_codebook_size", "depth", "num_positions"):
+        ours, theirs = getattr(cfg.mllm, name), getattr(manifest, name)
+        if ours != theirs:
+            raise ConfigError(f"mllm.{name}", ours, f"{theirs}, as in the token shards under {cfg.loader.paths}")
+
+
 def tokenizer_code_tables(cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:
     """The pixel and semantic codebooks [K, C] of `mllm.tokenizer_path`, checked against the
     mllm section (codebook sizes, depth, positions per image, code width).
@@ -92,11 +105,10 @@ def build_mllm_engine(cfg: Config, topology: Topology):
         raise ConfigError("mllm.code_init", "tokenizer", f"'learned' when train.init_from={cfg.train.init_from} "
                           "holds a unified model (its code tables come from the checkpoint)")
     if topology.layout.pp > 1:
-        if cfg.mllm.trainable_stage != "all" or (cfg.train.init_from and not unified_init) or cfg.mllm.code_init != "learned":
+        if cfg.train.init_from and not unified_init:  # the config-only combinations: Config.validate
             raise ConfigError("parallel.pp", topology.layout.pp,
-                              "1 when mllm.trainable_stage is not 'all', train.init_from is a backbone-only checkpoint "
-                              "or mllm.code_init is 'tokenizer' (pipeline stages do not yet freeze parts or load "
-                              "parts of the model)")
+                              "1 when train.init_from is a backbone-only checkpoint (pipeline stages do not yet "
+                              "load parts of the model)")
         module = build_mllm_pipeline_module(
             cfg.backbone, cfg.mllm, topology, seed=cfg.run.seed,
             activation_checkpoint_interval=1 if cfg.train.activation_checkpointing else 0,
@@ -181,6 +193,7 @@ def train_mllm(cfg: Config, resume: bool = False, show_progress: bool = True) ->
     loader = PackedMultimodalLoader(
         cfg.loader, SpecialTokens(**asdict(cfg.mllm.tokens)), rank=topology.dp_rank, world_size=topology.layout.dp
     )
+    check_shards_match(cfg, loader.manifest)
     engine = build_mllm_engine(cfg, topology)
     job = TrainingJob(
         engine=engine,

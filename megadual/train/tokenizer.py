@@ -237,20 +237,23 @@ def train_tokenizer(cfg: Config, resume: bool = False, show_progress: bool = Tru
         engine=gen_engine,
         loader=loader,
         step=step,
-        settings=LoopSettings(tcfg.steps, tcfg.grad_accum, tcfg.save_every, tcfg.wandb_project),
+        settings=LoopSettings(tcfg.steps, tcfg.grad_accum, tcfg.save_every, tcfg.wandb_project,
+                              max_skipped_steps=tcfg.max_skipped_steps),
         name="train-tokenizer",
         progress_keys=("loss", "psnr", "usage_pixel", "usage_semantic"),
         dp_rank=rank,
         dp_size=dp,
-        # The discriminator goes first: the generator's save moves `latest`, which must name complete checkpoints.
+        # Saved into the generator's tag directory before the tag is committed (complete.json lists its files).
         save_extra=lambda tag_dir: disc_engine.save_checkpoint(tag_dir, tag=DISCRIMINATOR_TAG, save_latest=False),
         load_extra=lambda tag_dir: disc_engine.load_checkpoint(tag_dir, tag=DISCRIMINATOR_TAG),
         after_step=pictures,
     )
     disc_engine.train()
     result = run_loop(cfg, job, info, resume, show_progress)
-    if is_writer and result.steps_run:
-        module.save_pretrained(os.path.join(run_dir, "tokenizer"))
+    export = os.path.join(run_dir, "tokenizer")
+    # A resumed finished run re-exports when a kill cut the previous export short.
+    if is_writer and (result.steps_run or not DualTokenizer.is_complete_export(export)):
+        module.save_pretrained(export)
     _write_codebook_digest(run_dir, rank, module)
     return result
 
@@ -263,6 +266,8 @@ def _save_pictures(run_dir: str, step: int, images: torch.Tensor, reconstruction
     save_codebook_usage(
         {"pixel": model.pixel_branch.rq.cluster_size, "semantic": model.semantic_branch.rq.cluster_size},
         os.path.join(folder, f"step_{step:06d}_usage.png"), title=f"step {step}",
+        restart_levels={"pixel": model.pixel_branch.rq.dead_code_threshold,
+                        "semantic": model.semantic_branch.rq.dead_code_threshold},
     )
 
 

@@ -10,7 +10,7 @@ Shapes: images [B, 3, H, W] in [-1, 1]; EMA code counts [K] (or [R, K] per depth
 from __future__ import annotations
 
 import os
-from typing import Mapping
+from typing import Mapping, Optional
 
 import torch
 from PIL import Image
@@ -44,12 +44,22 @@ def save_reconstruction_grid(inputs: torch.Tensor, reconstructions: torch.Tensor
     grid.save(path)
 
 
-def save_codebook_usage(counts: Mapping[str, torch.Tensor], path: str, title: str = "") -> None:
+def share_in_use(counts: torch.Tensor, restart_level: float = 1.0) -> float:
+    """The share of codes whose EMA count is above the dead-code restart level (at any depth
+    of [R, K] counts). A restart sets a code's count exactly to that level, so ">=" would count
+    every restarted, never-chosen code as used (the PNG said 100% while a batch used 40%)."""
+    live = counts.detach().float().cpu() > restart_level
+    return float((live.any(0) if live.dim() == 2 else live).float().mean())
+
+
+def save_codebook_usage(counts: Mapping[str, torch.Tensor], path: str, title: str = "",
+                        restart_levels: Optional[Mapping[str, float]] = None) -> None:
     """Plot each branch's sorted EMA code counts (log scale) into one PNG.
 
     Args:
         counts: branch name -> EMA counts [K] (or [R, K]: depths are summed).
         path: the PNG to write.
+        restart_levels: branch name -> its quantizer's dead_code_threshold (default 1; see `share_in_use`).
     """
     import matplotlib
 
@@ -58,15 +68,16 @@ def save_codebook_usage(counts: Mapping[str, torch.Tensor], path: str, title: st
 
     fig, axes = plt.subplots(1, len(counts), figsize=(5 * len(counts), 3.2), squeeze=False)
     for ax, (name, c) in zip(axes[0], counts.items()):
+        restart_level = (restart_levels or {}).get(name, 1.0)
+        used = share_in_use(c, restart_level)
         c = c.detach().float().cpu()
         if c.dim() == 2:
             c = c.sum(0)
         p = c / c.sum().clamp_min(1e-12)
         perplexity = float(torch.exp(-torch.special.xlogy(p, p).sum()))
-        used = float((c >= 1.0).float().mean())
         ax.semilogy(torch.sort(c, descending=True).values.clamp_min(1e-3).numpy())
-        ax.set_title(f"{name}: {used:.0%} of {c.numel()} codes with EMA count >= 1, perplexity {perplexity:.0f}",
-                     fontsize=8)
+        ax.set_title(f"{name}: {used:.0%} of {c.numel()} codes above the restart level ({restart_level:g}), "
+                     f"perplexity {perplexity:.0f}", fontsize=8)
         ax.set_xlabel("code (sorted by EMA count)")
         ax.set_ylabel("EMA count")
     if title:

@@ -102,7 +102,9 @@ def test_config_error_is_a_value_error():
         ({"hidden_size": True}, None, "backbone.hidden_size", "an integer"),  # bools are not ints
         ({"tie_embeddings": "yes please"}, None, "backbone.tie_embeddings", "true or false"),
         ({"tie_embeddings": 1}, None, "backbone.tie_embeddings", "true or false"),
-        ({"rope_theta": True}, None, "backbone.rope_theta", "a number"),
+        ({"rope_theta": True}, None, "backbone.rope_theta", "a finite number"),
+        ({"rope_theta": float("inf")}, None, "backbone.rope_theta", "a finite number"),
+        ({"rms_norm_eps": float("nan")}, None, "backbone.rms_norm_eps", "a finite number"),
         ({"head_dim": "x"}, None, "backbone.head_dim", "an integer or null"),
     ],
 )
@@ -113,6 +115,13 @@ def test_wrong_type_names_key_and_expected(section, value, key, expected):
         config_from_dict(data)
     assert info.value.key == key
     assert key in str(info.value) and expected in str(info.value)
+
+
+@pytest.mark.parametrize("setting", ["optim.lr=.inf", "optim.lr=.nan", "optim.grad_clip=.nan", "optim.lr=-.inf"])
+def test_non_finite_numbers_are_refused_from_the_command_line(setting):
+    key = setting.split("=")[0]
+    with pytest.raises(ConfigError, match=rf"{key}: got .*, expected a finite number"):
+        load_config(DEBUG_LM, [setting])
 
 
 def test_int_is_accepted_for_float_and_becomes_float():
@@ -150,7 +159,7 @@ def test_optional_section_absent_or_null_is_none():
 def test_tuple_length_and_item_types():
     with pytest.raises(ConfigError, match=r"optim.betas: got \[0.9\], expected a list of 2 items"):
         config_from_dict(_cfg(optim={"betas": [0.9]}))
-    with pytest.raises(ConfigError, match=r"optim.betas\[1\]: got 'x', expected a number"):
+    with pytest.raises(ConfigError, match=r"optim.betas\[1\]: got 'x', expected a finite number"):
         config_from_dict(_cfg(optim={"betas": [0.9, "x"]}))
 
 
@@ -277,7 +286,7 @@ def test_override_unknown_key_is_named():
 
 
 def test_override_below_a_value_is_refused():
-    with pytest.raises(ConfigError, match=r"optim.lr is a value \(a number\), not a section"):
+    with pytest.raises(ConfigError, match=r"optim.lr is a value \(a finite number\), not a section"):
         load_config(DEBUG_LM, overrides=["optim.lr.x=1"])
 
 
@@ -317,3 +326,16 @@ def test_every_config_file_round_trips(path, tmp_path):
     cfg = load_config(path)
     dump_config(cfg, tmp_path / "c.yaml")
     assert load_config(tmp_path / "c.yaml") == cfg
+
+
+@pytest.mark.parametrize("setting, key", [("mllm.trainable_stage=heads", "mllm.trainable_stage"),
+                                          ("mllm.code_init=tokenizer", "mllm.code_init")])
+def test_pipeline_combinations_the_unified_trainer_cannot_run_fail_config_check(setting, key, capsys):
+    """Before: `config check` said ok; `megadual train` refused only after its processes started."""
+    from megadual.cli import main
+
+    argv = ["config", "check", "-c", os.path.join(REPO, "configs", "debug", "mllm.yaml"), "--set", "parallel.pp=2",
+            "--set", "parallel.zero_stage=1", "--set", setting, "--set", "mllm.tokenizer_path=/nowhere"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"{key}: got" in err and "parallel.pp=2" in err and len(err.strip().splitlines()) == 1

@@ -231,3 +231,13 @@ def test_tar_bytes_keeps_a_sample_together():
     with tarfile.open(fileobj=io.BytesIO(data)) as tf:
         assert tf.getnames() == ["a.json", "a.txt", "b.txt"]
         assert {m.mtime for m in tf.getmembers()} == {0}
+
+
+def test_a_missing_or_non_directory_path_is_named_as_such(tmp_path):
+    with pytest.raises(TokenShardError, match=r"token shard .*nowhere: does not exist; point the loader"):
+        read_manifest(str(tmp_path / "nowhere"))
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(TokenShardError, match=r"file: is not a directory"):
+        read_manifest(str(tmp_path / "file"))
+    with pytest.raises(TokenShardError, match=r"no manifest.json in the directory"):
+        read_manifest(str(tmp_path))

@@ -84,3 +84,47 @@ def test_killed_launch_resumes_on_the_uninterrupted_trajectory(tmp_path):
     assert sorted(got) == list(range(1, 61))
     for step in range(21, 61):
         assert got[step]["loss"] == want[step]["loss"], f"step {step}"
+
+
+def _rank_pid(launcher_pid: int, rank: int) -> int | None:
+    """The pid of the process with RANK=rank among the launch's processes (from /proc)."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                env = dict(v.split(b"=", 1) for v in f.read().split(b"\0") if b"=" in v)
+            with open(f"/proc/{entry}/stat") as f:
+                session = int(f.read().rsplit(")", 1)[1].split()[3])
+        except (OSError, ValueError):
+            continue
+        if session == launcher_pid and env.get(b"RANK") == str(rank).encode() and b"MEGADUAL_TEST_HANG" in env:
+            return int(entry)
+    return None
+
+
+def test_a_stopped_rank_ends_the_launch_naming_it(tmp_path):
+    """Before: SIGSTOP of one rank left the other waiting past 180 s with no message."""
+    run_dir = str(tmp_path / "run")
+    args = _args(run_dir, ["train.steps=100000", "parallel.collective_timeout_s=5"])
+    proc = subprocess.Popen(deepspeed_command(2, args), env={**launch_env(), "MEGADUAL_TEST_HANG": "1"},
+                            start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        metrics = os.path.join(run_dir, "metrics.jsonl")
+        deadline = time.monotonic() + LAUNCH_TIMEOUT_S
+        while not (os.path.exists(metrics) and os.path.getsize(metrics) > 0):
+            assert proc.poll() is None and time.monotonic() < deadline, "training never started"
+            time.sleep(0.1)
+        victim = _rank_pid(proc.pid, 1)
+        assert victim is not None
+        os.kill(victim, signal.SIGSTOP)
+        stopped_at = time.monotonic()
+        out, _ = proc.communicate(timeout=120)
+        waited = time.monotonic() - stopped_at
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode != 0
+    assert "rank(s) 1 did not answer a collective within parallel.collective_timeout_s=5 s" in out, out[-3000:]
+    assert waited < 60  # the 5 s timeout, the 5 s roll call, and the launcher's teardown

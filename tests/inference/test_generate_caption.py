@@ -85,3 +85,27 @@ def test_cli(run_dir, tmp_path, capsys):
     assert main(["caption", "--ckpt", run_dir, "--image", str(tmp_path / "missing.png")]) == 2
     assert main(["generate", "--ckpt", str(tmp_path), "--prompt", "x", "--out", str(out)]) == 2
     assert torch.distributed.is_initialized() is False
+
+
+def test_bad_images_and_devices_are_one_line_errors(run_dir, tmp_path, capsys):
+    good = tmp_path / "good.png"
+    Image.new("RGB", (32, 32), (100, 100, 100)).save(good)
+    (tmp_path / "not_an_image.png").write_text("hello")
+    (tmp_path / "truncated.png").write_bytes(good.read_bytes()[:40])
+    cases = {
+        str(tmp_path / "not_an_image.png"): "not_an_image.png cannot be decoded",
+        str(tmp_path / "truncated.png"): "truncated.png cannot be decoded",
+        str(tmp_path): "is a directory; pass image files",
+        str(tmp_path / "missing.png"): "missing.png does not exist",
+    }
+    for path, message in cases.items():
+        assert main(["caption", "--ckpt", run_dir, "--image", str(good), "--image", path]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+    if not torch.cuda.is_available():
+        assert main(["generate", "--ckpt", run_dir, "--prompt", "x", "--out", str(good), "--device", "cuda"]) == 2
+        err = capsys.readouterr().err
+        assert "this torch has no usable CUDA" in err and len(err.strip().splitlines()) == 1, err
+    assert main(["generate", "--ckpt", run_dir, "--prompt", "x", "--out", str(good), "--device", "tpu9"]) == 2
+    assert "is not a device torch knows" in capsys.readouterr().err
+    assert Image.open(good).size == (32, 32)  # nothing written over

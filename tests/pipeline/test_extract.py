@@ -257,3 +257,93 @@ def test_rerun_restores_missing_manifest_and_rejects_other_tokenizer(tmp_path, t
     DualTokenizer(cfg.tokenizer, seed=1).save_pretrained(other)
     with pytest.raises(ValueError, match="tokenizer_checkpoint_sha256.*new --out"):
         extract_tokens(_opts(raw_dir, out, other))
+
+
+def test_cut_and_garbled_tars_list_every_lost_range(tmp_path, tokenizer_dir, raw_dir):
+    """Before: a tar cut at or inside a header, or with a garbled header block, lost every sample
+    from there on with rc 0 and nothing in `skipped`."""
+    good = open(os.path.join(raw_dir, "shapes-000000.tar"), "rb").read()
+    with tarfile.open(os.path.join(raw_dir, "shapes-000000.tar")) as tf:
+        headers = [m.offset for m in tf]
+    members_per_sample = len(headers) // 12
+    victim = headers[4 * members_per_sample]  # the first header of sample 4 (of 12)
+    garbled = bytearray(good)
+    garbled[victim:victim + 512] = b"\xab" * 512
+    variants = {"cut-at-header.tar": good[:victim], "cut-in-header.tar": good[:victim + 100],
+                "garbled.tar": bytes(garbled)}
+    for name, data in variants.items():
+        raw = tmp_path / name.removesuffix(".tar")
+        raw.mkdir()
+        (raw / name).write_bytes(data)
+        manifests = []
+        for run in ("a", "b"):
+            out = str(tmp_path / f"{name}-{run}")
+            manifest = extract_tokens(_opts(str(raw), out, tokenizer_dir))
+            manifests.append(open(os.path.join(out, "manifest.json"), "rb").read())
+        lost = [s for s in manifest.skipped if ":bytes " in s["key"]]
+        assert len(lost) == 1 and lost[0]["key"].startswith(f"{name}:bytes {victim}-"), (name, manifest.skipped)
+        assert "lost" in lost[0]["reason"]
+        if name == "garbled.tar":  # resumes at the next header: only sample 4 is lost (one member gone)
+            next_header = headers[4 * members_per_sample + 1]
+            assert manifest.num_samples == 11 and lost[0]["key"] == f"{name}:bytes {victim}-{next_header}"
+        else:
+            assert manifest.num_samples == 4
+        assert manifests[0] == manifests[1], name  # reasons are reproducible, byte for byte
+        with pytest.raises(ValueError, match=rf"unusable input {name}, sample '{name}:bytes {victim}-"):
+            extract_tokens(_opts(str(raw), str(tmp_path / f"{name}-strict"), tokenizer_dir, on_corrupt="raise"))
+
+
+def test_undecodable_image_reasons_hold_no_memory_address(tmp_path, tokenizer_dir, raw_dir):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    _write_tar(str(raw / "a.tar"), {"bad.png": b"not a png at all", "bad.txt": b"broken"})
+    (reason,) = [s["reason"] for s in extract_tokens(_opts(str(raw), str(tmp_path / "out"), tokenizer_dir)).skipped]
+    assert "UnidentifiedImageError" in reason and " at 0x" not in reason
+
+
+def _children(pid: int) -> set[int]:
+    """Pids whose parent is `pid` (from /proc)."""
+    out = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    stat = f.read()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:  # field 4, after the parenthesised name
+                out.add(int(entry))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signals are Linux's")
+def test_killed_extraction_leaves_no_decode_worker_behind(tmp_path, tokenizer_dir):
+    """Before: kill -9 of `extract --num-workers 2` left both workers alive for minutes."""
+    raw = str(tmp_path / "raw")
+    write_synthetic_shards(raw, num=400, size=32, seed=5, shard_size=20)
+    cmd = [sys.executable, os.path.join(REPO, "tools", "extract_tokens.py"), "--input", raw, "--out",
+           str(tmp_path / "out"), "--tokenizer", tokenizer_dir, "--batch-size", "1", "--num-workers", "2",
+           "--no-progress"]
+    # Its own session, killed alone (not its group): the workers must go because their parent did.
+    proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    first = os.path.join(str(tmp_path / "out"), ".parts", "tokens-000000.json")
+    deadline = time.monotonic() + 60
+    while not os.path.exists(first) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    workers = _children(proc.pid)
+    assert len(workers) >= 2 and proc.poll() is None, "no decode workers to test"
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 10
+    while any(map(_alive, workers)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(map(_alive, workers)), f"workers {sorted(filter(_alive, workers))} outlived their parent"

@@ -42,7 +42,7 @@ def test_loss_falls_and_run_dir_is_complete(tmp_path):
     first, last = run_distributed(_train, world_size=1, timeout=180, args=(str(tmp_path), overrides))[0]
     records = _records(tmp_path)
     assert [r["step"] for r in records] == list(range(1, 26))
-    assert set(records[0]) == {"step", "loss", "lr", "grad_norm", "tokens", "step_time"}
+    assert set(records[0]) == {"step", "loss", "lr", "grad_norm", "tokens", "step_time", "skipped_steps"}
     assert records[0]["tokens"] == 2 * 4 * 96
     assert all(r["grad_norm"] > 0 for r in records)
     assert last < 0.6 * first

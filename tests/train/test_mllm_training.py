@@ -14,6 +14,7 @@ import torch
 from megadual.config import load_config
 from megadual.data.mm_sequence import SpecialTokens
 from megadual.data.packed_loader import PackedMultimodalLoader
+from megadual.data.token_shards import read_manifest
 from megadual.models.mllm import DualTokenMLLM
 from megadual.train.mllm import train_mllm
 from megadual.train.schedule import lr_at
@@ -157,3 +158,15 @@ def test_zero3_code_tables_start_from_the_tokenizer(tmp_path, shards):
     for name, branch in (("pixel", tokenizer.pixel_branch), ("semantic", tokenizer.semantic_branch)):
         table = state[f"visual_embed.{name}.codebook"]
         assert (table - branch.rq.codebook).abs().max() < 1e-2, name
+
+
+def test_code_tables_other_than_the_shards_are_refused_at_start(tmp_path, shards):
+    """Before: a larger mllm.pixel_codebook_size than the shards' trained silently."""
+    from tests._dist import RankError
+
+    manifest_size = read_manifest(shards).pixel_codebook_size
+    with pytest.raises(RankError, match=rf"mllm.pixel_codebook_size: got {2 * manifest_size}, expected "
+                                        rf"{manifest_size}, as in the token shards under"):
+        run_distributed(_train, world_size=1, timeout=120,
+                        args=(str(tmp_path), shards, [f"mllm.pixel_codebook_size={2 * manifest_size}"]))
+    assert not os.path.exists(os.path.join(tmp_path, "metrics.jsonl"))

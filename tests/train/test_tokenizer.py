@@ -191,3 +191,45 @@ def test_tower_learns_at_its_scaled_rate_and_everything_else_at_the_full_one(tmp
     for bad in ("0", "1.5", ".nan"):
         with pytest.raises(ConfigError, match=r"tokenizer_train.tower_lr_scale: got .*, expected a fraction in \(0, 1\]"):
             _config(str(tmp_path), f"tokenizer_train.tower_lr_scale={bad}")
+
+
+def _train_dying_on_the_export_config(rank, world_size, run_dir, overrides):
+    import megadual.models.vision.tokenizer as tokenizer_module
+
+    write = tokenizer_module.write_atomic
+
+    def dying(path, data):
+        if os.path.basename(path) == "config.json":
+            os._exit(9)  # as a kill -9 between the export's weights and its config
+        write(path, data)
+
+    tokenizer_module.write_atomic = dying
+    return _train(rank, world_size, run_dir, overrides)
+
+
+def test_a_kill_during_the_export_is_repaired_by_resume(tmp_path):
+    from megadual.train.checkpoint import load_model_state
+    from tests._dist import RankError
+
+    overrides = ["tokenizer_train.steps=2", "tokenizer_train.micro_batch_size=2", "tokenizer.loss.lpips_weight=0.0"]
+    with pytest.raises(RankError) as info:
+        run_distributed(_train_dying_on_the_export_config, world_size=1, timeout=300, args=(str(tmp_path), overrides))
+    assert info.value.exitcode == 9
+    export = str(tmp_path / "tokenizer")
+    assert not DualTokenizer.is_complete_export(export) and not os.path.exists(os.path.join(export, "config.json"))
+
+    assert run_distributed(_train, world_size=1, timeout=300, args=(str(tmp_path), overrides, True)) == [0]
+    assert DualTokenizer.is_complete_export(export)
+    trained = load_model_state(str(tmp_path))
+    exported = DualTokenizer.from_pretrained(export).state_dict()
+    assert all(torch.equal(exported[k].float(), trained[k]) for k in trained if k in exported)
+    assert exported.keys() & trained.keys()
+
+
+def test_usage_png_counts_codes_above_the_restart_level():
+    from megadual.train.visualize import share_in_use
+
+    restarted = torch.tensor([1.0] * 6 + [5.0] * 4)  # a restart sets a count exactly to the level
+    assert share_in_use(restarted, restart_level=1.0) == pytest.approx(0.4)
+    per_depth = torch.tensor([[1.0, 3.0, 1.0, 1.0], [2.0, 1.0, 1.0, 1.0]])
+    assert share_in_use(per_depth, restart_level=1.0) == pytest.approx(0.5)

@@ -31,6 +31,7 @@ from torch import nn
 
 from megadual.config.loader import section_from_dict
 from megadual.config.schema import QuantizerConfig, TokenizerConfig
+from megadual.fs import write_atomic
 
 from .decoder import PixelDecoder
 from .quantizer import ResidualQuantizer, RQUsage
@@ -243,12 +244,14 @@ class DualTokenizer(nn.Module):
     # ----------------------------------------------------------------------------- persistence
 
     def save_pretrained(self, directory: str) -> None:
-        """Write config.json (tokenizer section + the SigLIP config) and model.safetensors.
+        """Write model.safetensors, then config.json (tokenizer section + the SigLIP config).
 
-        The quantizers' restart generators (non-tensor state) are not saved: a pretrained
-        tokenizer is for inference; training checkpoints keep them.
+        Each file is replaced atomically, the weights first: a crash leaves the previous export,
+        or new weights without their config.json (`is_complete_export` says no). The quantizers'
+        restart generators (non-tensor state) are not saved: a pretrained tokenizer is for
+        inference; training checkpoints keep them.
         """
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
         os.makedirs(directory, exist_ok=True)
         tokenizer_cfg = dataclasses.asdict(self.cfg)
@@ -260,10 +263,20 @@ class DualTokenizer(nn.Module):
             "tokenizer": tokenizer_cfg,
             "siglip": self.tower.model.config.to_dict(),
         }
-        with open(os.path.join(directory, CONFIG_NAME), "w", encoding="utf-8") as f:
-            json.dump(config, f, indent=1, sort_keys=True)
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items() if isinstance(v, torch.Tensor)}
-        save_file(state, os.path.join(directory, WEIGHTS_NAME), metadata={"format": FORMAT})
+        write_atomic(os.path.join(directory, WEIGHTS_NAME), save(state, metadata={"format": FORMAT}))
+        write_atomic(os.path.join(directory, CONFIG_NAME), json.dumps(config, indent=1, sort_keys=True))
+
+    @staticmethod
+    def is_complete_export(directory: str) -> bool:
+        """Whether `directory` holds a whole `save_pretrained` export (a readable config.json of
+        this format beside its weights)."""
+        try:
+            with open(os.path.join(directory, CONFIG_NAME), encoding="utf-8") as f:
+                complete = json.load(f).get("format") == FORMAT
+        except (OSError, ValueError):
+            return False
+        return complete and os.path.isfile(os.path.join(directory, WEIGHTS_NAME))
 
     @classmethod
     def from_pretrained(cls, directory: str, dp_group: Optional[dist.ProcessGroup] = None,
