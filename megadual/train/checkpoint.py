@@ -22,6 +22,7 @@ import glob
 import json
 import logging
 import os
+import shutil
 from typing import Callable, Optional
 
 import torch
@@ -72,6 +73,19 @@ def commit_checkpoint(root: str, tag: str, is_writer: bool, barrier: Callable[[]
         write_atomic(os.path.join(tag_dir, COMPLETE), json.dumps({"tag": tag, "files": _tag_files(tag_dir)},
                                                                   indent=1, sort_keys=True))
         write_atomic(os.path.join(root, LATEST), tag)
+
+
+def unwritable_checkpoint_error(tag_dir: str, error: BaseException) -> OSError:
+    """A failed save as one line: the checkpoint, the cause (torch.save words a full disk as
+    "[enforce fail at inline_container.cc...]") and the space left; `latest` still names the
+    last complete checkpoint."""
+    cause = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    try:
+        free = f"{shutil.disk_usage(os.path.dirname(tag_dir)).free / 2**30:.2f} GiB free there"
+    except OSError:
+        free = "its disk cannot be read"
+    return OSError(f"cannot write checkpoint {tag_dir} ({cause}); {free}: free space or point run.out_dir at "
+                   "another disk, then --resume from the last complete checkpoint")
 
 
 def incomplete_reason(tag_dir: str) -> Optional[str]:

@@ -25,8 +25,8 @@ from megadual.config import Config, config_to_dict, dump_config
 from megadual.distributed.runtime import ProcessInfo, collective_timeout_error, init_distributed, is_collective_timeout
 from megadual.distributed.topology import Topology, plan_layout
 
-from .checkpoint import CHECKPOINTS, commit_checkpoint, newest_complete_tag
-from .nonfinite import NonFiniteGuard, NonFiniteTrainingError, weights_finite
+from .checkpoint import CHECKPOINTS, commit_checkpoint, newest_complete_tag, unwritable_checkpoint_error
+from .nonfinite import NonFiniteGuard, NonFiniteTrainingError, weights_finite_on_every_rank
 from .tracking import StepLog, plot_losses
 
 logger = logging.getLogger(__name__)
@@ -148,28 +148,6 @@ def _barrier() -> None:
         torch.distributed.barrier()
 
 
-def _all_ranks_true(value: bool) -> bool:
-    flag = torch.tensor([0.0 if value else 1.0])
-    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        if torch.distributed.get_backend() == "nccl":
-            flag = flag.cuda()
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-    return not bool(flag.item())
-
-
-def _unwritable_checkpoint(tag_dir: str, error: BaseException) -> OSError:
-    """One line naming the checkpoint, the cause and the space left; `latest` still names the last complete one."""
-    import shutil
-
-    cause = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    try:
-        free = f"{shutil.disk_usage(os.path.dirname(tag_dir)).free / 2**30:.2f} GiB free there"
-    except OSError:
-        free = "its disk cannot be read"
-    return OSError(f"cannot write checkpoint {tag_dir} ({cause}); {free}: free space or point run.out_dir at "
-                   "another disk, then --resume from the last complete checkpoint")
-
-
 def _stop_non_finite(message: str, run_dir: str) -> NonFiniteTrainingError:
     last_good = latest_step(run_dir)
     where = (f"the last good checkpoint is {os.path.join(run_dir, CHECKPOINTS, step_tag(last_good))}"
@@ -254,7 +232,7 @@ def run_loop(cfg: Config, job: TrainingJob, info: ProcessInfo, resume: bool, sho
 
     def save(step: int) -> None:
         # Collective: every rank writes its partitions; `latest` moves once all are on disk.
-        if not _all_ranks_true(weights_finite(engine.module)):
+        if not weights_finite_on_every_rank(engine.module):
             raise _stop_non_finite(f"the weights hold inf or nan at step {step}: no checkpoint is written", run_dir)
         loaders = gather_loader_states(loader, job.dp_rank, job.dp_size)
         tag = step_tag(step)
@@ -266,7 +244,7 @@ def run_loop(cfg: Config, job: TrainingJob, info: ProcessInfo, resume: bool, sho
         except (OSError, RuntimeError) as e:  # torch.save reports a full disk as "[enforce fail at ...]"
             if is_collective_timeout(e):
                 raise
-            raise _unwritable_checkpoint(os.path.join(checkpoint_root, tag), e) from e
+            raise unwritable_checkpoint_error(os.path.join(checkpoint_root, tag), e) from e
         commit_checkpoint(checkpoint_root, tag, is_writer, _barrier)
         if is_writer:
             log.flush()

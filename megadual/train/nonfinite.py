@@ -33,10 +33,17 @@ def innermost_optimizer(optimizer: Any) -> torch.optim.Optimizer:
     return optimizer
 
 
-def _flag_device(optimizer: torch.optim.Optimizer) -> torch.device:
+def _flag_device() -> torch.device:
+    """Where an all-reduced flag must live: NCCL reduces CUDA tensors only."""
     if dist.is_initialized() and dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def _all_finite(tensors) -> bool:
+    """One device sync for all the tensors, not one per tensor."""
+    flags = [torch.isfinite(t).all() for t in tensors]
+    return bool(torch.stack(flags).all()) if flags else True
 
 
 class NonFiniteGuard:
@@ -63,11 +70,10 @@ class NonFiniteGuard:
         self._skipped_here, self._engine_skips = False, engine_skips
 
     def _local_grads_finite(self) -> bool:
-        grads = [p.grad for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
-        return all(bool(torch.isfinite(g).all()) for g in grads)
+        return _all_finite(p.grad for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None)
 
     def _guarded_step(self, *args, **kwargs):
-        bad = torch.tensor([0.0 if self._local_grads_finite() else 1.0], device=_flag_device(self.optimizer))
+        bad = torch.tensor([0.0 if self._local_grads_finite() else 1.0], device=_flag_device())
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)
         self._skipped_here = bool(bad.item())
@@ -79,7 +85,11 @@ class NonFiniteGuard:
         return None
 
 
-def weights_finite(module: torch.nn.Module) -> bool:
-    """Whether every parameter of `module` on this rank holds only finite values (under ZeRO-3:
-    this rank's partition of each)."""
-    return all(bool(torch.isfinite(getattr(p, "ds_tensor", p)).all()) for p in module.parameters())
+def weights_finite_on_every_rank(module: torch.nn.Module) -> bool:
+    """Whether every parameter of `module` holds only finite values on every rank (under ZeRO-3:
+    each rank checks its partition). Collective."""
+    finite = _all_finite(getattr(p, "ds_tensor", p) for p in module.parameters())
+    bad = torch.tensor([0.0 if finite else 1.0], device=_flag_device())
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    return not bool(bad.item())
