@@ -429,7 +429,7 @@ class TokenizerTrainConfig:
 
     def validate(self, prefix: str = "tokenizer_train") -> None:
         _positive(self, prefix, "steps", "micro_batch_size", "grad_accum", "max_skipped_steps")
-        if not 0 < self.tower_lr_scale <= 1:  # also refuses nan
+        if not 0 < self.tower_lr_scale <= 1:
             raise ConfigError(f"{prefix}.tower_lr_scale", self.tower_lr_scale, "a fraction in (0, 1] of optim.lr")
         for name in ("save_every", "image_every"):
             if getattr(self, name) < 0:

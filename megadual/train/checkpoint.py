@@ -113,18 +113,33 @@ def _step_tags(root: str) -> list[str]:
     return sorted(tags, key=lambda t: int(t.removeprefix("step_")), reverse=True)
 
 
+def _has_completion_records(root: str) -> bool:
+    return any(os.path.isfile(os.path.join(root, tag, COMPLETE)) for tag in _step_tags(root))
+
+
+def _read_latest(root: str) -> Optional[str]:
+    path = os.path.join(root, LATEST)
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return f.read().strip() or None
+
+
 def newest_complete_tag(root: str) -> Optional[str]:
     """The tag `latest` names when it is complete, else the newest complete step tag (saying
-    why `latest` was passed over), else None (no checkpoint to resume from)."""
-    latest_path = os.path.join(root, LATEST)
-    latest = None
-    if os.path.isfile(latest_path):
-        with open(latest_path, encoding="utf-8") as f:
-            latest = f.read().strip()
+    why `latest` was passed over), else None (no checkpoint to resume from).
+
+    Checkpoints without any completion record (written by DeepSpeed's own `save_checkpoint`,
+    or by MegaDual before records existed) have only `latest` to go by: it is trusted.
+    """
+    latest = _read_latest(root)
+    if not _has_completion_records(root):
+        return latest if latest is not None and os.path.isdir(os.path.join(root, latest)) else None
+    if latest is not None:
         reason = incomplete_reason(os.path.join(root, latest))
         if reason is None:
             return latest
-        logger.warning("checkpoint %s named by %s is incomplete: %s", latest, latest_path, reason)
+        logger.warning("checkpoint %s named by %s is incomplete: %s", latest, os.path.join(root, LATEST), reason)
     for tag in _step_tags(root):
         if tag != latest and incomplete_reason(os.path.join(root, tag)) is None:
             if latest is not None:
@@ -139,7 +154,9 @@ def checkpoint_tag_dir(run_dir: str, tag: Optional[str] = None) -> str:
     if tag is None:
         tag = newest_complete_tag(root)
         if tag is None:
-            raise FileNotFoundError(f"{run_dir} has no complete checkpoint under {root}")
+            latest = _read_latest(root)
+            why = f" ({latest}: {incomplete_reason(os.path.join(root, latest))})" if latest else ""
+            raise FileNotFoundError(f"{run_dir} has no complete checkpoint under {root}{why}")
     path = os.path.join(root, tag)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"checkpoint {path} does not exist")
@@ -170,4 +187,4 @@ def load_model_state(run_dir: str, tag: Optional[str] = None) -> dict[str, torch
 
         return get_fp32_state_dict_from_zero_checkpoint(os.path.dirname(path), tag=os.path.basename(path))
     states = torch.load(os.path.join(path, "mp_rank_00_model_states.pt"), map_location="cpu", weights_only=False)
-    return {k: v.float() for k, v in states["module"].items()}
+    return {k: v.float() for k, v in states["module"].items() if isinstance(v, torch.Tensor)}

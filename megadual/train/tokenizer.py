@@ -43,7 +43,7 @@ import deepspeed
 import torch
 import torch.distributed as dist
 
-from megadual.config import Config
+from megadual.config import Config, ConfigError
 from megadual.config.schema import TokenizerConfig
 from megadual.data.images import ImageBatchLoader, build_image_dataset
 from megadual.distributed.deepspeed_config import deep_merge
@@ -119,6 +119,15 @@ def build_semantic_teacher(cfg: TokenizerConfig, model: DualTokenizer) -> Siglip
     return frozen_copy(SiglipTower(build_siglip(tower_cfg), tower_cfg))
 
 
+def _refuse_model_parallel(cfg: Config) -> None:
+    """The tokenizer trains data parallel only; a `parallel:` layout would be silently ignored."""
+    p = cfg.parallel
+    for key, value, wanted in (("tp", p.tp, 1), ("pp", p.pp, 1), ("zero_stage", p.zero_stage, 0)):
+        if value != wanted:
+            raise ConfigError(f"parallel.{key}", value, f"{wanted}: train-tokenizer runs data parallel only "
+                              "(every rank holds the whole tokenizer; its ZeRO stage is tokenizer_train.zero_stage)")
+
+
 def train_tokenizer(cfg: Config, resume: bool = False, show_progress: bool = True) -> RunResult:
     """Train the DualToken tokenizer as the config says, on the launched data-parallel world.
 
@@ -132,6 +141,7 @@ def train_tokenizer(cfg: Config, resume: bool = False, show_progress: bool = Tru
         The run directory, the number of steps this invocation ran and its first/last records.
     """
     cfg.require("tokenizer", "tokenizer_train", "images", command="train-tokenizer")
+    _refuse_model_parallel(cfg)
     tcfg, lcfg = cfg.tokenizer_train, cfg.tokenizer.loss
     info = start_processes(cfg)
     dp, rank, device = info.world_size, info.rank, info.device

