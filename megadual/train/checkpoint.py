@@ -10,7 +10,8 @@ DeepSpeed's own `latest` is written by rank 0 before the other ranks have finish
 be loaded. Here every rank flushes its files to disk, the ranks meet at a barrier, and only then
 does rank 0 record the tag (`commit_checkpoint`); both files are replaced atomically. A reader
 trusts `latest` only when its tag is complete and otherwise falls back to the newest complete
-tag (`newest_complete_tag`).
+tag (`newest_complete_tag`); in a run without any completion record (DeepSpeed's own saves,
+older runs) `latest` is all there is, and it is trusted.
 
 Whole-model weights are read here for the layouts that store them whole (tp = pp = 1); ZeRO-3
 partitions are consolidated with DeepSpeed's own `zero_to_fp32`.
