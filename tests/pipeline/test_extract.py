@@ -328,9 +328,11 @@ def _alive(pid: int) -> bool:
 def test_killed_extraction_leaves_no_decode_worker_behind(tmp_path, tokenizer_dir):
     """Before: kill -9 of `extract --num-workers 2` left both workers alive for minutes."""
     raw = str(tmp_path / "raw")
-    write_synthetic_shards(raw, num=400, size=32, seed=5, shard_size=20)
+    write_synthetic_shards(raw, num=2000, size=32, seed=5, shard_size=100)
+    # Batches of 16 fill the workers' result pipes: a worker whose parent is gone then blocks for
+    # good in its queue's flush at exit (PyTorch's own parent check does not end it).
     cmd = [sys.executable, os.path.join(REPO, "tools", "extract_tokens.py"), "--input", raw, "--out",
-           str(tmp_path / "out"), "--tokenizer", tokenizer_dir, "--batch-size", "1", "--num-workers", "2",
+           str(tmp_path / "out"), "--tokenizer", tokenizer_dir, "--batch-size", "16", "--num-workers", "2",
            "--no-progress"]
     # Its own session, killed alone (not its group): the workers must go because their parent did.
     proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
