@@ -37,16 +37,9 @@ PROG = "megadual"
 EXIT_USAGE = 2
 
 # Errors a user can cause and fix; anything else is a bug and keeps its traceback.
-# (ConfigError is a ValueError.) Filesystem errors are the user's paths: missing, unwritable.
-USER_ERRORS: tuple[type[BaseException], ...] = (
-    ValueError,
-    FileNotFoundError,
-    FileExistsError,
-    IsADirectoryError,
-    NotADirectoryError,
-    PermissionError,
-    OSError,  # a full or read-only disk: the messages name the path and the cause
-)
+# (ConfigError is a ValueError.) OSError covers the user's paths and disks: missing, existing,
+# a directory or not, unwritable, full; the messages name the path and the cause.
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError)
 
 
 @dataclass(frozen=True)

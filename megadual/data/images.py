@@ -106,6 +106,11 @@ _ZERO_CHUNK = bytes(1 << 16)
 _USTAR_MAGIC = b"ustar\x0000"  # POSIX ustar magic + version, at bytes 257..264 of a header
 
 
+def _padded(size: int) -> int:
+    """A member's data size rounded up to whole tar blocks (where its next header starts)."""
+    return -(-size // _BLOCK) * _BLOCK
+
+
 def _plain_tar_members(f: BinaryIO, file_size: int) -> Optional[list[TarMember]]:
     """The members of a tar made only of POSIX ustar headers of files and directories, or None.
 
@@ -140,7 +145,7 @@ def _plain_tar_members(f: BinaryIO, file_size: int) -> Optional[list[TarMember]]
             name = header[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
             prefix = header[345:500].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
             members.append(TarMember(f"{prefix}/{name}" if prefix else name, data, size))
-        offset = data + -(-size // _BLOCK) * _BLOCK
+        offset = data + _padded(size)
 
 
 def _zeros_only(f: BinaryIO, start: int, end: int) -> bool:
@@ -177,7 +182,7 @@ def _tolerant_tar_members(f: BinaryIO, file_size: int) -> tuple[list[TarMember],
                 return members, damage
             if m.isfile():
                 members.append(TarMember(m.name, m.offset_data, m.size))
-            expected = m.offset_data + -(-m.size // _BLOCK) * _BLOCK if m.isfile() else m.offset_data
+            expected = m.offset_data + _padded(m.size) if m.isfile() else m.offset_data
     except tarfile.ReadError as exc:  # a broken extension header: nothing after it can be placed
         damage.append(TarDamage(expected, file_size, f"unreadable tar header ({exc})"))
         return members, damage

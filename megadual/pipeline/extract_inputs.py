@@ -146,9 +146,9 @@ def index(shard: InputShard) -> tuple[list[tuple[str, str, ImageRecord]], list[d
     Returns:
         (samples, skipped): samples are (output key, source key, record), in input order;
         skipped are {"source", "key", "reason"} manifest entries for samples without an
-        image or a caption, and for byte ranges of a cut or garbled tar (key "TAR:bytes A-B"). The source key is relative to the input (tar basename + key, or
-        the file path relative to its folder), so it does not depend on where the inputs
-        were mounted.
+        image or a caption, and for byte ranges of a cut or garbled tar (key "TAR:bytes A-B").
+        The source key is relative to the input (tar basename + key, or the file path
+        relative to its folder), so it does not depend on where the inputs were mounted.
 
     Raises:
         ValueError: the tar cannot be read or holds no sample at all (the caller lists the

@@ -37,27 +37,27 @@ LATEST = "latest"
 COMPLETE = "complete.json"
 
 
+def _files_under(directory: str) -> list[str]:
+    """Paths of every file below `directory`."""
+    return [os.path.join(parent, name) for parent, _, names in os.walk(directory) for name in names]
+
+
 def _tag_files(tag_dir: str) -> dict[str, int]:
     """Every file under `tag_dir` but the completion record: relative path -> size in bytes."""
-    files = {}
-    for parent, _, names in os.walk(tag_dir):
-        for name in names:
-            path = os.path.join(parent, name)
-            rel = os.path.relpath(path, tag_dir)
-            if rel != COMPLETE:
-                files[rel] = os.path.getsize(path)
+    files = {os.path.relpath(path, tag_dir): os.path.getsize(path) for path in _files_under(tag_dir)}
+    files.pop(COMPLETE, None)
     return files
 
 
 def flush_tag(tag_dir: str) -> None:
     """fsync every file and directory of a tag (what this rank wrote is on disk after it)."""
-    for parent, _, names in os.walk(tag_dir):
-        for name in names:
-            fd = os.open(os.path.join(parent, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+    for path in _files_under(tag_dir):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    for parent, _, _ in os.walk(tag_dir):
         fsync_directory(parent)
 
 
@@ -166,8 +166,7 @@ def checkpoint_tag_dir(run_dir: str, tag: Optional[str] = None) -> str:
 
 def checkpoint_steps(run_dir: str) -> list[int]:
     """Steps of the checkpoints `<run>/checkpoints/step_N/` holds, in increasing order."""
-    names = glob.glob(os.path.join(run_dir, CHECKPOINTS, "step_*"))
-    return sorted(int(os.path.basename(n).removeprefix("step_")) for n in names if os.path.isdir(n))
+    return sorted(int(tag.removeprefix("step_")) for tag in _step_tags(os.path.join(run_dir, CHECKPOINTS)))
 
 
 def load_model_state(run_dir: str, tag: Optional[str] = None) -> dict[str, torch.Tensor]:

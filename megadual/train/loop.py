@@ -149,9 +149,10 @@ def _barrier() -> None:
 
 
 def _stop_non_finite(message: str, run_dir: str) -> NonFiniteTrainingError:
-    last_good = latest_step(run_dir)
-    where = (f"the last good checkpoint is {os.path.join(run_dir, CHECKPOINTS, step_tag(last_good))}"
-             if last_good is not None else "no checkpoint was written")
+    root = os.path.join(run_dir, CHECKPOINTS)
+    last_good = newest_complete_tag(root)
+    where = (f"the last good checkpoint is {os.path.join(root, last_good)}" if last_good is not None
+             else "no checkpoint was written")
     return NonFiniteTrainingError(f"{message}; {where} (lower optim.lr or check the data, then --resume)")
 
 
@@ -251,7 +252,6 @@ def run_loop(cfg: Config, job: TrainingJob, info: ProcessInfo, resume: bool, sho
             plot_losses(log.path, os.path.join(run_dir, "loss.png"), job.plot_keys)
 
     guard = NonFiniteGuard(engine)
-    skipped_in_a_row = 0
     first: dict[str, Any] = {}
     record: dict[str, Any] = {}
     engine.train()
@@ -273,9 +273,8 @@ def run_loop(cfg: Config, job: TrainingJob, info: ProcessInfo, resume: bool, sho
             if job.after_step is not None:
                 job.after_step(record)
             progress.update(1)
-            skipped_in_a_row = skipped_in_a_row + 1 if guard.skipped_last else 0
-            if skipped_in_a_row >= settings.max_skipped_steps:
-                raise _stop_non_finite(f"{skipped_in_a_row} optimizer steps in a row had inf or nan gradients "
+            if guard.skipped_in_a_row >= settings.max_skipped_steps:
+                raise _stop_non_finite(f"{guard.skipped_in_a_row} optimizer steps in a row had inf or nan gradients "
                                        f"(loss {result.loss}) and were skipped, up to step {step + 1}", run_dir)
             if settings.save_every and (step + 1) % settings.save_every == 0 and step + 1 < total:
                 save(step + 1)

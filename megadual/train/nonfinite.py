@@ -40,6 +40,14 @@ def _flag_device() -> torch.device:
     return torch.device("cpu")
 
 
+def _true_on_every_rank(local: bool) -> bool:
+    """`local` agreed over the world (an all-reduce of one flag): True only if True everywhere."""
+    bad = torch.tensor([0.0 if local else 1.0], device=_flag_device())
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    return not bool(bad.item())
+
+
 def _all_finite(tensors) -> bool:
     """One device sync for all the tensors, not one per tensor."""
     flags = [torch.isfinite(t).all() for t in tensors]
@@ -47,7 +55,8 @@ def _all_finite(tensors) -> bool:
 
 
 class NonFiniteGuard:
-    """Installed on an engine's optimizer; `skipped_last` and `skipped` tell what it did."""
+    """Installed on an engine's optimizer; `skipped_last`, `skipped_in_a_row` and `skipped`
+    tell what happened to the steps so far."""
 
     def __init__(self, engine: Any):
         self.engine = engine
@@ -56,6 +65,7 @@ class NonFiniteGuard:
         self.optimizer.step = self._guarded_step  # shadows the class's step for this instance
         self.skipped_last = False
         self.skipped = 0  # steps skipped so far in this process
+        self.skipped_in_a_row = 0
         self._skipped_here = False
         self._engine_skips = self._engine_skip_count()
 
@@ -67,16 +77,14 @@ class NonFiniteGuard:
         engine_skips = self._engine_skip_count()
         self.skipped_last = self._skipped_here or engine_skips > self._engine_skips
         self.skipped += self.skipped_last
+        self.skipped_in_a_row = self.skipped_in_a_row + 1 if self.skipped_last else 0
         self._skipped_here, self._engine_skips = False, engine_skips
 
     def _local_grads_finite(self) -> bool:
         return _all_finite(p.grad for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None)
 
     def _guarded_step(self, *args, **kwargs):
-        bad = torch.tensor([0.0 if self._local_grads_finite() else 1.0], device=_flag_device())
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        self._skipped_here = bool(bad.item())
+        self._skipped_here = not _true_on_every_rank(self._local_grads_finite())
         if not self._skipped_here:
             return self._step(*args, **kwargs)
         for group in self.optimizer.param_groups:
@@ -88,8 +96,4 @@ class NonFiniteGuard:
 def weights_finite_on_every_rank(module: torch.nn.Module) -> bool:
     """Whether every parameter of `module` holds only finite values on every rank (under ZeRO-3:
     each rank checks its partition). Collective."""
-    finite = _all_finite(getattr(p, "ds_tensor", p) for p in module.parameters())
-    bad = torch.tensor([0.0 if finite else 1.0], device=_flag_device())
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-    return not bool(bad.item())
+    return _true_on_every_rank(_all_finite(getattr(p, "ds_tensor", p) for p in module.parameters()))
