@@ -45,8 +45,9 @@ class BackboneConfig:
     tie_embeddings: bool = False
     qkv_bias: bool = True
     init_std: float = 0.02
-    # "auto": flash-attn varlen on CUDA when installed, else PyTorch SDPA.
-    attn_impl: Literal["auto", "sdpa", "flash"] = "auto"
+    # "auto": flash-attn varlen on CUDA when installed, else FlexAttention for packed rows
+    # on CUDA, else PyTorch SDPA. "flex" also runs on CPU, forward only.
+    attn_impl: Literal["auto", "sdpa", "flash", "flex"] = "auto"
     # Raise on token ids outside [0, vocab_size): costs one reduction per forward.
     check_token_ids: bool = True
     # Local Hugging Face Qwen2 directory to initialise from (never downloaded).

@@ -167,10 +167,13 @@ def unsharded_grad_norm(module: torch.nn.Module, tp_group: ProcessGroup) -> floa
     """Global gradient 2-norm of a ZeRO-0 model: tensor-parallel shards count on every rank,
     replicated parameters once (on tp rank 0)."""
     first = tp_group is None or torch.distributed.get_rank(tp_group) == 0
-    total = torch.zeros((), dtype=torch.float32)
+    # On the gradients' device: NCCL reduces CUDA tensors only, and one sync at the end
+    # beats one per parameter.
+    device = next((p.grad.device for p in module.parameters() if p.grad is not None), torch.device("cpu"))
+    total = torch.zeros((), dtype=torch.float32, device=device)
     for p in module.parameters():
         if p.grad is not None and (first or getattr(p, "tensor_model_parallel", False)):
-            total += p.grad.detach().float().pow(2).sum().cpu()
+            total += p.grad.detach().float().pow(2).sum()
     if tp_group is not None:
         torch.distributed.all_reduce(total, group=tp_group)
     return float(total.sqrt())

@@ -100,3 +100,18 @@ def test_cuda_dead_code_restart_equals_reference():
     assert got.numel() > 0 and torch.equal(got, want)
     for a, b in zip(*states):
         assert torch.equal(a, b)
+
+
+def test_cuda_opcheck():
+    """Schemas, register_fake and autograd registration agree with the CUDA kernels."""
+    x, cb = _data(70, 8, 40, 3, shared=True, dtype=torch.float32)
+    _, cbs = _data(70, 8, 40, 3, shared=False, dtype=torch.float32)
+    for args in [(x, cb, 3, True, None, 16, 17), (x, cbs, 3, False, torch.int32, 0, 0),
+                 (x.bfloat16(), cb, 2, True, None, 0, 0)]:
+        torch.library.opcheck(torch.ops.megadual.rq_encode.default, args)
+    codes = ref.rq_encode(x, cb, 3)[0]
+    torch.library.opcheck(torch.ops.megadual.rq_code_stats.default, (x, cb, codes))
+    state = (torch.rand(40, device="cuda") + 0.5, cb.clone(), cb.clone())
+    torch.library.opcheck(torch.ops.megadual.ema_update_.default, (*state, x, codes, 0.99, 1e-5))
+    counts, sums = ref.rq_code_stats(x, cb, codes)
+    torch.library.opcheck(torch.ops.megadual.ema_apply_.default, (*state, counts, sums, 0.99, 1e-5))
