@@ -15,36 +15,33 @@ from megadual.config.schema import BackboneConfig
 from megadual.models.qwen2 import build_qwen2
 from megadual.models.qwen2.attention import flash_attn_available, plan_attention
 
+from .test_qwen2_parity import _packed_batch as packed_batch
+
 pytestmark = pytest.mark.gpu
 CFG = BackboneConfig(vocab_size=128, hidden_size=128, intermediate_size=256, num_layers=2, num_heads=4, num_kv_heads=2)
 ROWS = [[20, 30, 14, 0, 64], [128]]  # an empty document and rows of several
 
 
-def _packed_batch(device):
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, CFG.vocab_size, (len(ROWS), sum(ROWS[0])), generator=g).to(device)
-    positions = torch.stack([torch.cat([torch.arange(n) for n in row]) for row in ROWS]).to(device)
-    offsets = [0]
-    for row in ROWS:
-        offsets.extend(offsets[-1] + n for n in row)
-    return ids, positions, torch.tensor(offsets, device=device)
+def _packed_batch():
+    ids, positions, cu_seqlens, _ = packed_batch(ROWS, CFG.vocab_size)
+    return ids.cuda(), positions.cuda(), cu_seqlens.cuda()
 
 
 def test_auto_backend_on_cuda_is_flash_or_flex():
-    ids, _, cu = _packed_batch("cuda")
+    ids, _, cu = _packed_batch()
     plan = plan_attention(*ids.shape, ids.device, torch.bfloat16, cu)
     assert plan.backend == ("flash" if flash_attn_available() else "flex")
 
 
 def test_packed_forward_and_backward_equal_each_document_alone():
     model = build_qwen2(CFG, seed=0).cuda().bfloat16()
-    ids, positions, cu = _packed_batch("cuda")
+    ids, positions, cu = _packed_batch()
     packed = model(ids, position_ids=positions, cu_seqlens=cu).float()
     packed.square().mean().backward()
     packed_grads = {n: p.grad.float().clone() for n, p in model.named_parameters()}
     model.zero_grad()
 
-    alone_parts, start = [], 0
+    alone_parts = []
     for r, row in enumerate(ROWS):
         start = 0
         for n in row:

@@ -38,17 +38,16 @@ def shards(tmp_path_factory):
 def world_of_one():
     env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    yield
-    for k, v in saved.items():
-        os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in env.items():
+            patch.setenv(name, value)
+        yield
 
 
 def _losses(tmp_path, shards, *overrides) -> list[float]:
     run_dir = tmp_path / "_".join(o.replace("=", "-").replace(".", "-") for o in overrides)
     cfg = load_config(MLLM_CONFIG, [f"run.out_dir={run_dir}", f"loader.paths=[{shards}]", f"train.steps={STEPS}",
-                                    "train.save_every=0", *overrides])
+                                    *overrides])
     train_mllm(cfg, show_progress=False)
     with open(run_dir / "metrics.jsonl") as f:
         return [json.loads(line)["loss"] for line in f]

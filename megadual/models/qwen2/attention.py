@@ -118,8 +118,8 @@ def plan_attention(
         return AttentionPlan(backend="flash", cu_seqlens=cu, max_seqlen=max(b - a for a, b in zip(bounds, bounds[1:])))
     if backend == "flex":
         return AttentionPlan(backend="flex", block_mask=_document_block_mask(tuple(offsets), batch, seq_len, str(device)))
-    same_doc = _document_ids(offsets, batch, seq_len, device)
-    same_doc = same_doc[:, :, None] == same_doc[:, None, :]  # [B, T, T]
+    doc = _document_ids(offsets, batch, seq_len, device)
+    same_doc = doc[:, :, None] == doc[:, None, :]  # [B, T, T]
     causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=device).tril()
     return AttentionPlan(backend="sdpa", mask=(same_doc & causal).unsqueeze(1))  # [B, 1, T, T]
 
