@@ -13,7 +13,7 @@ export OMP_NUM_THREADS ?= 1
 
 EXT_SOURCES := $(wildcard kernels/csrc/*.cpp kernels/csrc/*.h kernels/csrc/cuda/*.cu kernels/csrc/cuda/*.cuh)
 
-.PHONY: setup test demo bench clean
+.PHONY: setup test demo bench gpu-wheels gpu-check clean
 
 setup: $(STAMP)
 
@@ -36,6 +36,15 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/backbone.py
+
+# On a machine with pip access: the wheels a registry-less GPU machine needs, into .whl/.
+gpu-wheels: $(STAMP)
+	tools/gpu_wheels.sh .whl
+
+# On the GPU machine (its own python3 with a CUDA torch; no venv): build, test, measure.
+GPU_OUT ?= runs/gpu-check
+gpu-check:
+	python3 tools/gpu_check.py $(GPU_OUT)
 
 clean:
 	rm -rf $(VENV) build *.egg-info megadual/_C*.so

@@ -45,7 +45,9 @@ def _extension_modules():
         ext = cpp_extension.CppExtension(
             "megadual._C", cpp_sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags
         )
-    return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=False)}
+    # ninja compiles the CUDA sources in parallel (MAX_JOBS of them); the CPU build stays on the
+    # serial distutils path, which needs no ninja. torch falls back to it when ninja is absent.
+    return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=use_cuda)}
 
 
 ext_modules, cmdclass = _extension_modules()

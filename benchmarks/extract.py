@@ -39,12 +39,14 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from megadual.config import load_config  # noqa: E402
 from megadual.data.images import crop_uint8, index_shards, normalize, read_image_bytes  # noqa: E402
 from megadual.data.synthetic_images import write_synthetic_shards  # noqa: E402
 from megadual.models.vision.tokenizer import DualTokenizer  # noqa: E402
 from megadual.pipeline.extract import ExtractOptions, extract_tokens  # noqa: E402
+from _common import write_json  # noqa: E402,I001
 
 TARGET = 0.9
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "debug",
@@ -102,6 +104,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="intra-op threads of the main process (default 1)")
     p.add_argument("--repeats", type=int, default=5, help="rounds of (bare encode, extraction)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--json", metavar="PATH", help="also write the results as one JSON object to PATH")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -143,6 +146,10 @@ def main() -> None:
     print("(wall-clock ratios need free cores for the main thread and every worker; with fewer, the "
           "processes share them and the ratio follows the CPU totals)")
     print(f"target steady state >= {TARGET:.1f}x: {'met' if steady >= TARGET else 'NOT met'}")
+    write_json(args.json, {"device": args.device, "images": args.num, "batch": args.batch_size, "workers": args.workers,
+                           "bare_encode_images_per_s": base, "steady_images_per_s": run["steady_ips"],
+                           "end_to_end_images_per_s": run["total_ips"], "steady_vs_encode": steady,
+                           "end_to_end_vs_encode": total, "setup_s": run["setup_s"], "tail_s": run["tail_s"]})
 
 
 if __name__ == "__main__":

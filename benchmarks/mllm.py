@@ -60,6 +60,7 @@ from typing import Callable
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 DEBUG = os.path.join(REPO, "configs", "debug", "mllm.yaml")
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 
@@ -451,6 +452,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batches", type=int, default=4, help="distinct loader batches cycled through (default 4)")
     parser.add_argument("--gen-batch", type=int, default=8, help="prompts / images per generation call (default 8)")
     parser.add_argument("--caption-tokens", type=int, default=48, help="new tokens per caption (default 48)")
+    parser.add_argument("--json", metavar="PATH", help="also write the three tables as one JSON object to PATH")
     args = parser.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     import torch
@@ -487,6 +489,19 @@ def main(argv=None) -> int:
           f"{args.caption_tokens} tokens per caption; medians of {args.gen_repeats} calls\n")
     print_table(("generation (batched)", "median ms", "rate", "vs baseline"), gen_rows, (48, 9, 18, 11))
     print(note)
+    if args.json:
+        from _common import write_json
+
+        write_json(args.json, {
+            "config": os.path.relpath(args.config, REPO), "device": where, "dtype": args.dtype,
+            "tokens_per_step": b * t,
+            "training": {name: {"median_ms": ms, "tokens_per_s": float(rate), "vs_baseline": float(ratio[:-1])}
+                         for name, ms, rate, ratio in speed_rows},
+            "step_share": {name: {"median_ms": ms, "time_share": float(share[:-1]) / 100}
+                           for name, ms, share, _ in share_rows},
+            "generation": {name: {"median_ms": ms, "rate": rate, "vs_baseline": float(ratio[:-1])}
+                           for name, ms, rate, ratio in gen_rows},
+            "note": note})
     return 0
 
 

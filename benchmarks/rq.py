@@ -1,9 +1,17 @@
-"""Residual VQ on CPU: megadual's kernels vs the PyTorch reference, vector-quantize-pytorch and a GEMM floor.
+"""Residual VQ: megadual's kernels vs the PyTorch reference, vector-quantize-pytorch, a GEMM floor
+and (on any device) a PyTorch GEMM + argmin baseline.
 
 Shapes: N rows, D dim, K codes, R depth.
 
-    python benchmarks/rq.py                # both shapes, 2 threads (a few minutes)
+    python benchmarks/rq.py                # CPU table, both shapes, 2 threads (a few minutes)
     python benchmarks/rq.py --threads 1 --shapes small
+    python benchmarks/rq.py --compare argmin --device cuda --shapes dualtoken-gpu
+
+--compare argmin (in one process, on --device; times are medians after a warm-up, each run
+synchronised): the baseline is what a PyTorch-only RVQ does, per depth one full N x K distance
+GEMM (torch.addmm), argmin, gather and subtract, plus the reference's EMA update (index_add_);
+against it the extension's encode and encode + EMA. Target on an H200 at the DualToken shape
+(D=32, K=16384, R=8, N=729 x 64 images): >= 5x the baseline.
 
 Each measurement runs in a fresh subprocess, so peak memory is that run's alone: "peak extra"
 is the growth of the process's peak RSS (VmHWM, reset through /proc/self/clear_refs) over
@@ -30,11 +38,15 @@ import subprocess
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
 SHAPES = {
     "d256": dict(n=16384, d=256, k=1024, r=8),
     "dualtoken": dict(n=16384, d=32, k=16384, r=8),
     "small": dict(n=2048, d=64, k=1024, r=4),  # a quick smoke run
+    "dualtoken-gpu": dict(n=729 * 64, d=32, k=16384, r=8),  # 64 images of 27 x 27 positions
 }
+ARGMIN_TARGET = 5.0
 IMPLS = [
     ("floor", "GEMM floor", "-"),
     ("ext_encode", "megadual ext", "encode"),
@@ -139,8 +151,91 @@ def _measure(impl: str, shape_name: str, threads: int, repeats: int) -> dict:
     return {"time_s": statistics.median(times), "peak_mib": max(peaks)}
 
 
+def gemm_argmin_encode(x, codebook, depth: int):
+    """The baseline search: one full N x K distance matrix per depth and its argmin (||r||^2 is
+    the same for every code of a row, so it is left out)."""
+    import torch
+
+    residual = x.clone()
+    norms = (codebook * codebook).sum(1)
+    codes = []
+    for _ in range(depth):
+        idx = torch.addmm(norms, residual, codebook.t(), alpha=-2).argmin(1)
+        residual -= codebook[idx]
+        codes.append(idx)
+    return torch.stack(codes, 1)
+
+
+def compare_argmin(shape_name: str, device_name: str, warmup: int, repeats: int) -> dict:
+    """Encode and encode + EMA: extension vs the GEMM + argmin baseline, on one device."""
+    import torch
+
+    import megadual.ops as ops
+    from megadual.ops import reference
+
+    if device_name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: CUDA is not available on this machine")
+    if not ops.extension_available():
+        raise SystemExit("megadual._C is not built: run `pip install --no-build-isolation -e .` first")
+    device = torch.device(device_name)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    shape = SHAPES[shape_name]
+    n, d, k, r = shape["n"], shape["d"], shape["k"], shape["r"]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, d, generator=g).to(device)
+    codebook = torch.randn(k, d, generator=g).to(device)
+    state = (torch.ones(k, device=device), codebook.clone(), codebook.clone())
+
+    def base_train():
+        reference.ema_update_(*state, x, gemm_argmin_encode(x, state[2], r), 0.99, 1e-5)
+
+    def ext_train():
+        ops.ema_update_(*state, x, ops.rq_encode(x, state[2], r).codes, 0.99, 1e-5)
+
+    cases = {
+        "baseline_encode": lambda: gemm_argmin_encode(x, codebook, r),
+        "baseline_train": base_train,
+        "ext_encode": lambda: ops.rq_encode(x, codebook, r),
+        "ext_train": ext_train,
+    }
+    from _common import median_seconds
+
+    rows = {}
+    for name, run in cases.items():
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        rows[name] = {"time_s": median_seconds(run, warmup, repeats, sync)}
+        if device.type == "cuda":
+            rows[name]["peak_memory_bytes"] = torch.cuda.max_memory_allocated(device)
+    agree = float((ops.rq_encode(x, codebook, r).codes == gemm_argmin_encode(x, codebook, r)).float().mean())
+    return {"shape": shape, "device": str(device), "rows": rows, "codes_agree_with_baseline": agree,
+            "speedup_encode": rows["baseline_encode"]["time_s"] / rows["ext_encode"]["time_s"],
+            "speedup_train": rows["baseline_train"]["time_s"] / rows["ext_train"]["time_s"]}
+
+
+def print_argmin(result: dict) -> None:
+    s = result["shape"]
+    print(f"# residual VQ vs GEMM + argmin, shared codebook, fp32, {result['device']}: "
+          f"N {s['n']}, D {s['d']}, K {s['k']}, R {s['r']}")
+    print("| impl | mode | time ms | vs baseline |")
+    print("|---|---|---|---|")
+    for impl, mode, key, base in [("GEMM + argmin", "encode", "baseline_encode", "baseline_encode"),
+                                  ("GEMM + argmin, reference EMA", "encode + EMA", "baseline_train", "baseline_train"),
+                                  ("megadual ext", "encode", "ext_encode", "baseline_encode"),
+                                  ("megadual ext", "encode + EMA", "ext_train", "baseline_train")]:
+        t, b = result["rows"][key]["time_s"], result["rows"][base]["time_s"]
+        print(f"| {impl} | {mode} | {t * 1e3:.2f} | {b / t:.2f}x |")
+    print(f"codes equal to the baseline's: {100 * result['codes_agree_with_baseline']:.3f}% "
+          "(float ties and summation order may differ)")
+    print(f"speed-up, encode + EMA: {result['speedup_train']:.2f}x (target on GPU: >= {ARGMIN_TARGET:.0f}x)")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--compare", default="kernels", choices=["kernels", "argmin"],
+                   help="kernels: the CPU table (default); argmin: vs GEMM + argmin on --device")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="--compare argmin only")
+    p.add_argument("--json", metavar="PATH", help="--compare argmin: also write the results as JSON")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--shapes", nargs="+", default=["d256", "dualtoken"], choices=sorted(SHAPES))
@@ -150,6 +245,17 @@ def main(argv=None) -> int:
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
     if args.one:
         print(json.dumps(_measure(args.one[0], args.one[1], args.threads, args.repeats)))
+        return 0
+    if args.compare == "argmin":
+        import torch
+
+        torch.set_num_threads(args.threads)
+        from _common import write_json
+
+        results = {name: compare_argmin(name, args.device, 1, args.repeats) for name in args.shapes}
+        for result in results.values():
+            print_argmin(result)
+        write_json(args.json, results)
         return 0
 
     print(f"# residual VQ, shared codebook, fp32, {args.threads} threads (torch.set_num_threads), "
