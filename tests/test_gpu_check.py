@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import zipfile
 
 import pytest
 
@@ -26,10 +27,24 @@ def _run(out, *args):
                           timeout=600, cwd=REPO)
 
 
+def _write_probe_wheel(folder):
+    """A minimal pure-Python wheel, so the smoke run goes through the wheels stage's install."""
+    folder.mkdir()
+    info = "gpu_check_probe-0.1.dist-info"
+    files = {"gpu_check_probe.py": "VALUE = 7\n",
+             f"{info}/METADATA": "Metadata-Version: 2.1\nName: gpu-check-probe\nVersion: 0.1\n",
+             f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: hand\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+    with zipfile.ZipFile(folder / "gpu_check_probe-0.1-py3-none-any.whl", "w") as whl:
+        for name, text in files.items():
+            whl.writestr(name, text)
+        whl.writestr(f"{info}/RECORD", "".join(f"{name},,\n" for name in [*files, f"{info}/RECORD"]))
+
+
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu-check")
-    proc = _run(out, "--cpu-smoke", "--wheels", str(out / "no-wheels"))
+    _write_probe_wheel(out / "wheels")
+    proc = _run(out, "--cpu-smoke", "--wheels", str(out / "wheels"), "--site", str(out / "site"))
     with open(out / "summary.json") as f:
         return proc, json.load(f), out
 
@@ -43,9 +58,9 @@ def test_cpu_smoke_runs_every_stage(smoke):
         f"bench-{b.name}" for b in _load_gpu_check().BENCHES]
     assert list(statuses) == expected
     for name, stage in statuses.items():
-        assert stage["status"] in ("ok", "skipped"), stage
-        if stage["status"] == "skipped":
-            assert name in ("wheels", "build") and stage["detail"], stage
+        assert stage["status"] == ("skipped" if name == "build" else "ok"), stage
+    assert statuses["build"]["detail"] == "--cpu-smoke checks the extension already installed"
+    assert (out / "site" / "gpu_check_probe.py").exists() and "1 wheels" in statuses["wheels"]["detail"]
     assert summary["environment"]["torch"] and summary["extension"]["cpu_kernels"] is True
     tests = summary["gpu_tests"]  # without CUDA every GPU test is collected and skipped
     assert tests["passed"] == 0 and tests["failed"] == [] and len(tests["skipped"]) >= 10

@@ -41,8 +41,6 @@ from typing import Optional
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SO400M = "configs/dualtoken-so400m-384.yaml"
 DEBUG_TOKENIZER = "configs/debug/tokenizer.yaml"
-# Where the wheels go on the GPU machine: outside the repo, so the working tree stays clean.
-SITE = os.path.join(tempfile.gettempdir(), "megadual-gpu-site")
 
 # What the environment stage prints, as one JSON line (run by the interpreter under test).
 ENVIRONMENT_PROBE = """
@@ -215,16 +213,16 @@ def stage_environment(check: Check) -> None:
         check.fail(stage, "torch.cuda.is_available() is False: run on a GPU machine, or pass --cpu-smoke")
 
 
-def stage_wheels(check: Check, wheel_dir: str) -> None:
+def stage_wheels(check: Check, wheel_dir: str, site: str) -> None:
     wheels = sorted(glob.glob(os.path.join(wheel_dir, "*.whl")))
     if not wheels:
         check.record("wheels", "skipped", detail=f"no wheels in {wheel_dir} (tools/gpu_wheels.sh makes them)")
         return
     stage, _ = check.run("wheels", [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps",
-                                    "--no-compile", "--no-cache-dir", "--upgrade", "--target", SITE, *wheels], 120)
+                                    "--no-compile", "--no-cache-dir", "--upgrade", "--target", site, *wheels], 120)
     if stage["status"] == "ok":
-        stage["detail"] = f"{len(wheels)} wheels into {SITE}"
-        check.env["PYTHONPATH"] = os.pathsep.join(filter(None, [SITE, check.env.get("PYTHONPATH")]))
+        stage["detail"] = f"{len(wheels)} wheels into {site}"
+        check.env["PYTHONPATH"] = os.pathsep.join(filter(None, [site, check.env.get("PYTHONPATH")]))
 
 
 def stage_build(check: Check) -> None:
@@ -352,6 +350,8 @@ def summary_markdown(summary: dict) -> str:
              "", f"{env.get('gpu') or 'no GPU'}; python {env.get('python')}, torch {env.get('torch')} "
                  f"(CUDA {env.get('torch_cuda')}), nvcc: {env.get('nvcc')}",
              "", "| stage | status | s | detail |", "|---|---|---|---|"]
+    if summary["mode"] == "cpu-smoke":
+        lines[1:1] = ["", "--cpu-smoke: every figure below was measured at tiny CPU shapes, not the ones named."]
     lines += [f"| {s['name']} | {s['status']} | {s['seconds']:.1f} | {s['detail']} |" for s in summary["stages"]]
     lines += ["", "| target | value | needs | verdict |", "|---|---|---|---|"]
     lines += [f"| {t['name']} | {_fmt(t['value'])} | >= {t['target']:g} {t['unit']} | {t['verdict']} |"
@@ -371,6 +371,9 @@ def main(argv=None) -> int:
     parser.add_argument("out", help="folder for summary.json, summary.md, log.txt and junit.xml")
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny CPU shapes, no build: tests this script")
     parser.add_argument("--wheels", default=os.path.join(REPO, ".whl"), help="folder of wheels to install (.whl)")
+    # Outside the repo, so the working tree stays clean.
+    parser.add_argument("--site", default=os.path.join(tempfile.gettempdir(), "megadual-gpu-site"),
+                        help="where the wheels are installed (pip --target)")
     parser.add_argument("--budget-s", type=float, default=450.0, help="overall time limit in seconds (450)")
     args = parser.parse_args(argv)
     if args.budget_s <= 0:
@@ -384,7 +387,7 @@ def main(argv=None) -> int:
         for name in ("wheels", "build", "gpu-tests", "benchmarks"):
             check.record(name, "skipped", detail="the environment stage failed")
     else:
-        stage_wheels(check, args.wheels)
+        stage_wheels(check, args.wheels, args.site)
         stage_build(check)
         stage_gpu_tests(check)
         with tempfile.TemporaryDirectory(prefix="megadual-gpu-check-") as scratch:
