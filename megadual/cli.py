@@ -171,6 +171,24 @@ def _add_caption_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
 
 
+def _add_plan_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser)
+    parser.add_argument("--gpus", type=int, required=True, help="GPUs in the cluster")
+    parser.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (default 8)")
+    parser.add_argument("--gpu-memory", default="80GiB", help="memory per GPU (default 80GiB)")
+    parser.add_argument("--reserve", default="2GiB",
+                        help="per-GPU memory a run cannot use: CUDA context, NCCL, allocator slack (default 2GiB)")
+    parser.add_argument("--gpu-tflops", type=float, default=989.0, help="peak TFLOP/s per GPU (default 989: H100 bf16)")
+    parser.add_argument("--mfu", type=float, default=0.45, help="model FLOPs utilisation to assume (default 0.45)")
+    parser.add_argument("--search", action="store_true", help="rank every layout of --gpus, not only the config's")
+    parser.add_argument("--top", type=int, default=10, help="layouts in the table and the PNG (default 10)")
+    parser.add_argument("--caption-tokens", type=int, default=64, help="unified model: text tokens per image (64)")
+    parser.add_argument("--doc-len", type=int, help="packed document length for attention FLOPs "
+                        "(default: seq_len; unified model: one image and its caption)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    parser.add_argument("--png", metavar="PATH", help="also draw stacked memory per rank of the ranked layouts")
+
+
 def _add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/demo", help="run directory (default: runs/demo)")
     parser.add_argument("--quick", action="store_true", help="a short smoke version of every stage")
@@ -244,6 +262,8 @@ COMMANDS: list[Command] = [
                     add_arguments=_add_reshard_arguments, handler="megadual.convert.commands:main"),
         ),
     ),
+    Command("plan", "per-rank memory and throughput of a training layout on a cluster, before booking it",
+            add_arguments=_add_plan_arguments, handler="megadual.plan.command:main"),
     Command(
         "demo",
         "the embedded end-to-end run on CPU; writes OUT/report.md",

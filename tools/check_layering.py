@@ -58,6 +58,8 @@ LAYERS: dict[str, tuple[int, str]] = {
     "megadual.inference": (4, "inference"),
     # Offline data pipelines that run trained models (token extraction): beside train/inference.
     "megadual.pipeline": (4, "pipeline"),
+    # Memory and throughput of training layouts, from models built on the meta device.
+    "megadual.plan": (4, "plan"),
     "megadual.cli": (5, "cli"),
     "megadual.__main__": (5, "cli"),
     # The embedded end-to-end job behind `megadual demo`: an application like the CLI.

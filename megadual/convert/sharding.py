@@ -11,27 +11,12 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from torch import nn
 
-from megadual.distributed.tensor_parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
+from megadual.distributed.tensor_parallel import partition_dims
+
+__all__ = ["StateDict", "merge_tensor_parallel", "partition_dims", "split_tensor_parallel"]
 
 StateDict = dict[str, torch.Tensor]
-
-
-def partition_dims(model: nn.Module) -> dict[str, Optional[int]]:
-    """{state-dict name: split dim or None} for every tensor of `model` (build it on meta)."""
-    dims: dict[str, Optional[int]] = {name: None for name in model.state_dict()}
-    for prefix, module in model.named_modules():
-        dot = f"{prefix}." if prefix else ""
-        if isinstance(module, ColumnParallelLinear):
-            dims[dot + "weight"] = 0
-            if module.bias is not None:
-                dims[dot + "bias"] = 0
-        elif isinstance(module, RowParallelLinear):
-            dims[dot + "weight"] = 1
-        elif isinstance(module, VocabParallelEmbedding):
-            dims[dot + "weight"] = 0
-    return dims
 
 
 def merge_tensor_parallel(shards: list[StateDict], dims: dict[str, Optional[int]]) -> StateDict:

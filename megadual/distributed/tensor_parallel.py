@@ -11,6 +11,8 @@ tp rank in the gradient norm) and `partition_dim` (which dim is split, for conve
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -171,3 +173,19 @@ def vocab_parallel_cross_entropy(
 def gather_vocab_logits(logits: torch.Tensor, group: ProcessGroup = None) -> torch.Tensor:
     """[..., V/p] -> [..., V]: full logits for sampling or inspection (not for the loss)."""
     return gather_from_group(logits, group)
+
+
+def partition_dims(model: nn.Module) -> dict[str, Optional[int]]:
+    """{state-dict name: split dim or None} for every tensor of `model` (build it on meta)."""
+    dims: dict[str, Optional[int]] = {name: None for name in model.state_dict()}
+    for prefix, module in model.named_modules():
+        dot = f"{prefix}." if prefix else ""
+        if isinstance(module, ColumnParallelLinear):
+            dims[dot + "weight"] = 0
+            if module.bias is not None:
+                dims[dot + "bias"] = 0
+        elif isinstance(module, RowParallelLinear):
+            dims[dot + "weight"] = 1
+        elif isinstance(module, VocabParallelEmbedding):
+            dims[dot + "weight"] = 0
+    return dims
