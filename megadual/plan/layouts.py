@@ -5,9 +5,10 @@ accumulation (micro-batches per step and data-parallel rank) and activation chec
 The global batch (sequences per optimizer step) stays the config's, so layouts compare at
 equal optimisation; a layout whose dp x micro-batch does not divide it is not one.
 
-Memory is per rank of the worst pipeline stage. Under 1F1B the first stage holds
-min(pp, micro-batches) micro-batches' activations at once and the last stage one (plus the
-head and its loss); the tied embedding lives on both (DeepSpeed's TiedLayerSpec).
+Memory is per rank of the worst pipeline stage. Under DeepSpeed's 1F1B schedule a stage holds
+the activations of up to max(2, pp - its index) micro-batches (`_in_flight`); the last stage
+also holds the head and its loss; the tied embedding lives on both ends (DeepSpeed's
+TiedLayerSpec).
 
 Time: every rank does 3x its forward FLOPs per micro-batch (backward = 2x forward), 4x for
 the layers it recomputes under activation checkpointing. A step takes micro-batches + pp - 1
@@ -145,6 +146,16 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
+def _in_flight(layout: Layout, stage: str) -> int:
+    """Micro-batches whose activations a stage holds at once: DeepSpeed's TrainSchedule keeps
+    max(2, pp - stage index) pipeline buffers (`num_pipe_buffers`), at most one per micro-batch;
+    measured on CPU, its last stage does hold two micro-batches' activations."""
+    if layout.pp == 1:
+        return 1
+    index = 0 if stage == "first" else layout.pp - 1
+    return min(max(2, layout.pp - index), layout.grad_accum)
+
+
 def _stage_params(parts: list[Part], layout: Layout, stage: str, num_layers: int, tied: bool):
     """(trainable, frozen, largest module) parameters on one rank of `stage` ("first"/"last"/"only")."""
     trainable = frozen = largest = 0
@@ -173,7 +184,7 @@ def estimate(cfg: Config, command: str, parts: list[Part], work: MicroBatchWork,
     result = LayoutEstimate(layout)
     slowest = 0.0
     for stage, sides in stages.items():
-        in_flight = min(layout.pp, layout.grad_accum) if stage == "first" and layout.pp > 1 else 1
+        in_flight = _in_flight(layout, stage)
         trainable, frozen, largest = _stage_params(parts, layout, stage, work.num_layers, tied)
         states = model_state_bytes(trainable, largest, layout.dp, layout.zero_stage, dtype, frozen)
         extras = [t for side in sides for t in (work.first if side == "first" else work.last).values()]

@@ -9,8 +9,9 @@ checkpointing; with it, a layer keeps only its input [b, T, D] and one layer is 
 a time. The head of the step is traced with its loss: the text head over Nt positions
 (vocab-parallel logits [Nt, V/p]) and, for the unified model, both depth heads over Nv
 positions ([Nv, R, K] logits each; replicated, not split, across tensor-parallel ranks). The
-backward of a cross entropy briefly holds the fp32 gradient of its logits and its cast to the
-training dtype: that transient is added on top of the saved tensors.
+backward of a cross entropy briefly holds two fp32 gradients of its logits' size, and the
+backbone trainer keeps its logits alive through the backward: both are added on top of the
+saved tensors.
 
 Packed documents: attention FLOPs scale with the document length (causal attention over a
 row of T tokens in documents of length L costs T L / 2, not T^2 / 2), so the trace's
@@ -34,6 +35,9 @@ from .memory import DTYPE_BYTES
 from .trace import Trace, trace_forward
 
 _TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# A cross entropy's backward holds two fp32 tensors of its logits' size at once (the gradient
+# at the log-softmax output and at its input), whatever the training dtype.
+_LOSS_BACKWARD_BYTES = 8
 
 
 @dataclass(frozen=True)
@@ -114,14 +118,17 @@ def backbone_work(cfg: Config, command: str, models: dict[str, nn.Module], tp: i
     text, visual = split_positions(cfg, command, tokens, caption_tokens)
     layer = _layer_trace(cfg, tp, rows, dtype, doc_len)
     last = {"text head + loss": _text_head_trace(cfg, tp, text, dtype)}
-    transient = text * (cfg.backbone.vocab_size // tp) * (4 + b)
+    text_logits = text * (cfg.backbone.vocab_size // tp)
+    # train-lm's step holds its logits until the step ends; the unified model's loss drops them.
+    transient = text_logits * (_LOSS_BACKWARD_BYTES + (b if command == "train-lm" else 0))
     first = {}
     if command == "train":
         mllm = models["mllm"].to(dtype)
         m = cfg.mllm
         for name, head in (("pixel depth head + loss", mllm.pixel_head), ("semantic depth head + loss", mllm.semantic_head)):
             last[name] = _depth_head_trace(head, cfg.backbone.hidden_size, visual, m.depth, dtype)
-        transient = max(transient, visual * m.depth * max(m.pixel_codebook_size, m.semantic_codebook_size) * (4 + b))
+        codebook = max(m.pixel_codebook_size, m.semantic_codebook_size)
+        transient = max(transient, visual * m.depth * codebook * _LOSS_BACKWARD_BYTES)
         with torch.device("meta"):
             codes = torch.zeros(visual, m.depth, dtype=torch.long)
         first["visual embedding"] = trace_forward(lambda: mllm.visual_embed(codes, codes, check=False),

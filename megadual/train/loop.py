@@ -175,10 +175,29 @@ def start_processes(cfg: Config) -> ProcessInfo:
     return info
 
 
+# Resident memory once the process is up (libraries loaded, process groups formed) and before
+# any model exists: `megadual plan` counts what a run adds on top of it.
+_baseline_rss_mib: Optional[float] = None
+
+
+def _current_rss_mib() -> float:
+    with open("/proc/self/statm", encoding="ascii") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
 def start_run(cfg: Config) -> tuple[ProcessInfo, Topology]:
     """Validate the layout (before any process group), then `start_processes` and build the topology."""
+    global _baseline_rss_mib
     layout = plan_layout(cfg.parallel, cfg.backbone, int(os.environ.get("WORLD_SIZE", "1")))
     info = start_processes(cfg)
+    # DeepSpeed's engines import ~800 modules (torch._dynamo, sympy, ...) on first use: load them
+    # now, so the baseline holds them and not the model's memory.
+    import deepspeed.runtime.engine  # noqa: F401
+    import deepspeed.runtime.pipe.engine  # noqa: F401
+    import deepspeed.runtime.zero.stage3  # noqa: F401
+    import torch._dynamo  # noqa: F401  (DeepSpeed's engine pulls it in at initialize)
+
+    _baseline_rss_mib = _current_rss_mib()
     return info, Topology(layout)
 
 
@@ -198,10 +217,12 @@ def _continue_from_init(path: str, job: TrainingJob) -> int:
 
 
 def write_rank_stats(run_dir: str, rank: int) -> None:
-    """ranks/rank_N.json: this rank's peak host memory (and device memory on GPU)."""
+    """ranks/rank_N.json: this rank's peak host memory, its memory before the model was built
+    (`start_run`; None for trainers that do not call it) and device memory on GPU."""
     import resource
 
-    stats = {"rank": rank, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    stats = {"rank": rank, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+             "baseline_rss_mib": _baseline_rss_mib}
     if torch.cuda.is_available():
         stats["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
     os.makedirs(os.path.join(run_dir, "ranks"), exist_ok=True)
