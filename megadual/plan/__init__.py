@@ -19,7 +19,8 @@ from typing import Optional
 
 from megadual.config.schema import Config
 
-from .layouts import Cluster, Layout, LayoutEstimate, candidate_layouts, config_layout, estimate, refusal
+from .layouts import (Cluster, Layout, LayoutEstimate, candidate_layouts, config_layout, estimate, global_batch,
+                      refusal)
 from .parts import Part, build_meta_models, count_parts
 from .workload import MicroBatchWork, backbone_work, tokenizer_work
 
@@ -71,11 +72,14 @@ def make_plan(cfg: Config, cluster: Cluster, search: bool = False, caption_token
     cfg.validate()
     models = build_meta_models(cfg, command)
     parts = count_parts(cfg, command, models)
+    global_batch(cfg, command, cluster.gpus)  # raises when --gpus does not fit the config's tp x pp
     layouts = candidate_layouts(cfg, command, cluster) if search else [config_layout(cfg, command, cluster.gpus)]
     if not search:
         reason = refusal(cfg, command, layouts[0], cluster)
         if reason:
-            raise ValueError(f"the config's layout {layouts[0]} cannot run: {reason}")
+            lay = layouts[0]
+            raise ValueError(f"the config's layout (tp={lay.tp}, pp={lay.pp}, dp={lay.dp}, "
+                             f"zero_stage={lay.zero_stage}) cannot run: {reason}")
     if doc_len is None:
         doc_len = cfg.mllm.num_positions + caption_tokens + 3 if command == "train" else _seq_len(cfg, command)
     tied = bool(cfg.backbone and cfg.backbone.tie_embeddings)
