@@ -38,11 +38,12 @@ def _layout_name(e: LayoutEstimate) -> str:
 
 def format_plan(plan: Plan, top: int = 10) -> str:
     c = plan.cluster
+    rate = "positions/s" if plan.command == "train-tokenizer" else "tokens/s"  # image patches for the tokenizer
     lines = [f"{plan.command}: {plan.num_parameters / 1e9:.3f}B trainable parameters "
              f"({', '.join(f'{p.name} {p.params / 1e6:.1f}M' for p in plan.parts)})",
              f"cluster: {c.gpus} GPUs ({c.gpus_per_node} per node), {c.gpu_memory_bytes / GIB:.0f} GiB each "
              f"({c.reserve_bytes / GIB:.1f} GiB reserved), {c.peak_tflops:.0f} TFLOP/s peak at MFU {c.mfu:.2f}",
-             "", "| layout | " + " | ".join(MEMORY_PARTS) + " | total GiB | fits | step s | tokens/s | bubble |",
+             "", "| layout | " + " | ".join(MEMORY_PARTS) + f" | total GiB | fits | step s | {rate} | bubble |",
              "|---" * (len(MEMORY_PARTS) + 6) + "|"]
     for e in plan.layouts[:top]:
         m = e.memory_per_rank_bytes

@@ -140,8 +140,9 @@ def backbone_work(cfg: Config, command: str, models: dict[str, nn.Module], tp: i
 def tokenizer_work(cfg: Config, models: dict[str, nn.Module], rows: int) -> MicroBatchWork:
     """The tokenizer's micro-batch of `rows` images: the tower's encoder layers are the
     repeated layer; the tower's embeddings and tail, the pixel decoder and the discriminator
-    the rest. (The residual quantizers' few saved tensors, [b, positions, codebook_dim], are
-    left out: their meta run needs data-dependent ops.)"""
+    the rest. Left out: the residual quantizers' few saved tensors ([b, positions,
+    codebook_dim]; their meta run needs data-dependent ops) and LPIPS's backward through its
+    frozen VGG, so a tokenizer plan is low by about one VGG-16 forward's activations."""
     # bf16 is autocast there: activations in bf16, weights (and so model states) in fp32.
     activation_dtype = cfg.tokenizer_train.dtype
     dtype = _TORCH_DTYPES[activation_dtype]
