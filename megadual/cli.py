@@ -73,8 +73,12 @@ def _config_show(args: argparse.Namespace) -> int:
 
 
 def _config_check(args: argparse.Namespace) -> int:
-    """Validate the config; print "ok"."""
-    config_from_args(args)
+    """Validate the config (and a unified model's init checkpoint against it); print "ok"."""
+    cfg = config_from_args(args)
+    if cfg.mllm is not None and cfg.train is not None and cfg.train.init_from:
+        from megadual.train.mllm import unified_init_from
+
+        unified_init_from(cfg)
     print("ok")
     return 0
 
@@ -262,7 +266,7 @@ COMMANDS: list[Command] = [
                     add_arguments=_add_reshard_arguments, handler="megadual.convert.commands:main"),
         ),
     ),
-    Command("plan", "per-rank memory and throughput of a training layout on a cluster, before booking it",
+    Command("plan", "per-rank memory and speed of cluster layouts",
             add_arguments=_add_plan_arguments, handler="megadual.plan.command:main"),
     Command(
         "demo",

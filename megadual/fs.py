@@ -32,7 +32,11 @@ def _temporary_name(path: str, kind: str) -> str:
 
 
 def write_atomic(path: str, data: Union[bytes, str]) -> None:
-    """Write `data` (text is UTF-8) to `path` through a flushed temporary file and a rename."""
+    """Write `data` (text is UTF-8) to `path` through a flushed temporary file and a rename.
+
+    Raises:
+        OSError: of the same type and errno, naming `path` (not the temporary name).
+    """
     tmp = _temporary_name(path, "tmp")
     try:
         with open(tmp, "xb") as f:
@@ -40,6 +44,8 @@ def write_atomic(path: str, data: Union[bytes, str]) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        raise type(e)(e.errno, f"cannot write {os.path.abspath(path)}: {e.strerror or e}") from e
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

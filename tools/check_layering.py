@@ -10,7 +10,7 @@ Rules (DESIGN.md, "Dependency direction"):
    prefix wins). Imports inside functions count too: a lazy import is still a dependency.
    Imports under `if TYPE_CHECKING:` count as well; type-only edges upward are still edges.
 2. Some packages are narrower than their layer (`ONLY_IMPORTS`): `data` imports only
-   `config`; `config` uses only yaml and the standard library; `ops` only torch.
+   `config`; `config` uses only yaml, the standard library and `fs`; `ops` only torch.
 3. `import deepspeed` only in `DEEPSPEED_ALLOWED` (the L3 wrappers and `train`).
 4. Hugging Face state-dict key names (string literals starting with `HF_KEY_PREFIXES`)
    only in modules named `hf_adapter.py`.
@@ -73,7 +73,7 @@ LAYERS: dict[str, tuple[int, str]] = {
 # Packages narrower than their layer. "internal": the megadual modules they may import
 # (prefixes); "external": the non-stdlib top-level packages they may import (None: any).
 ONLY_IMPORTS: dict[str, dict[str, tuple[str, ...] | None]] = {
-    "megadual.config": {"internal": ("megadual.config",), "external": ("yaml",)},
+    "megadual.config": {"internal": ("megadual.config", "megadual.fs"), "external": ("yaml",)},
     "megadual.ops": {"internal": ("megadual.ops", "megadual._C"), "external": ("torch",)},
     "megadual.data": {"internal": ("megadual.config", "megadual.data", "megadual.fs"), "external": None},
     "megadual.fs": {"internal": (), "external": ()},

@@ -22,11 +22,12 @@ import os
 import re
 import types
 import typing
-import uuid
 from collections.abc import Mapping
 from typing import Any, Iterable, Sequence, Union
 
 import yaml
+
+from megadual.fs import write_atomic
 
 from .errors import ConfigError
 from .schema import Config
@@ -513,7 +514,7 @@ def config_to_yaml(cfg: Config) -> str:
 
 
 def dump_config(cfg: Config, path: PathLike) -> None:
-    """Write the resolved config as YAML, atomically (temp file in the same dir + os.replace).
+    """Write the resolved config as YAML, atomically (megadual.fs.write_atomic).
 
     Args:
         cfg: the resolved config.
@@ -523,19 +524,4 @@ def dump_config(cfg: Config, path: PathLike) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     text = "# Resolved MegaDual config (every field). Reload with megadual.config.load_config.\n"
-    text += config_to_yaml(cfg)
-    # Same directory, so os.replace is a rename on one filesystem; open(..., "x") keeps the
-    # usual umask permissions (mkstemp would make the file private to this user).
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "x", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    write_atomic(path, text + config_to_yaml(cfg))

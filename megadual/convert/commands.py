@@ -128,7 +128,8 @@ def to_hf(src: str, out: str, tag: Optional[str] = None, max_shard_size: str = "
             plan.append(f"{out}/{VISUAL_TOKENIZER_DIR}/ <- {visual}" if visual else "no visual tokenizer")
             plan.append(f"{out}/{TEXT_TOKENIZER_DIR}/ <- {text}" if text != "bytes" else "text tokenizer: bytes (no files)")
         return plan
-    items = tqdm(source.items(), total=len(source.names()), desc="to-hf", unit="tensor", leave=False)
+    # delay: no bar for conversions (or failures) that take under a second.
+    items = tqdm(source.items(), total=len(source.names()), desc="to-hf", unit="tensor", leave=False, delay=1.0)
     if mllm is not None:
         files = write_mllm_export(items, source.backbone, mllm, out, visual, text,
                                   parse_size(max_shard_size), torch_dtype, overwrite, source.description)
@@ -176,7 +177,7 @@ def from_hf(hf_dir: str, out: str, tp: int, overwrite: bool = False) -> None:
         model, our_name = CheckpointModel(config_from_hf(read_hf_config(hf_dir))), from_hf_key
     dims = _dims(model)
     shards: list[StateDict] = [{} for _ in range(tp)]
-    for hf_name, tensor in tqdm(iter_hf_tensors(hf_dir), desc="from-hf", unit="tensor", leave=False):
+    for hf_name, tensor in tqdm(iter_hf_tensors(hf_dir), desc="from-hf", unit="tensor", leave=False, delay=1.0):
         name = our_name(hf_name)
         if name is None or name == model.tied_head:
             continue

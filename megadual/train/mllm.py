@@ -94,21 +94,32 @@ def tokenizer_code_tables(cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:
     return tables[0], tables[1]
 
 
+def unified_init_from(cfg: Config) -> bool:
+    """Whether train.init_from holds a whole unified model, after refusing the combinations the
+    trainer cannot start from it (read from the checkpoint's metadata; `config check` runs this too).
+
+    A unified-model init checkpoint (e.g. `convert from-hf` of an export) starts every part,
+    code tables included; a backbone one starts the backbone only.
+    """
+    if not cfg.train.init_from:
+        return False
+    unified = open_init_checkpoint(cfg.train.init_from).mllm is not None
+    if unified and cfg.mllm.code_init == "tokenizer":
+        raise ConfigError("mllm.code_init", "tokenizer", f"'learned' when train.init_from={cfg.train.init_from} "
+                          "holds a unified model (its code tables come from the checkpoint)")
+    if cfg.parallel.pp > 1 and not unified:  # the config-only pipeline combinations: Config.validate
+        raise ConfigError("parallel.pp", cfg.parallel.pp,
+                          "1 when train.init_from is a backbone-only checkpoint (pipeline stages do not yet "
+                          "load parts of the model)")
+    return unified
+
+
 def build_mllm_engine(cfg: Config, topology: Topology):
     """The unified model (initialised, parts frozen per stage) inside a DeepSpeed engine:
     a `PipelineModule` with the heads on the last stage when pp > 1."""
     ds_config = build_deepspeed_config(cfg, topology.layout)
-    # A unified-model init checkpoint (e.g. `convert from-hf` of an export) starts every part,
-    # code tables included; a backbone one starts the backbone only.
-    unified_init = bool(cfg.train.init_from) and open_init_checkpoint(cfg.train.init_from).mllm is not None
-    if unified_init and cfg.mllm.code_init == "tokenizer":
-        raise ConfigError("mllm.code_init", "tokenizer", f"'learned' when train.init_from={cfg.train.init_from} "
-                          "holds a unified model (its code tables come from the checkpoint)")
+    unified_init = unified_init_from(cfg)
     if topology.layout.pp > 1:
-        if cfg.train.init_from and not unified_init:  # the config-only combinations: Config.validate
-            raise ConfigError("parallel.pp", topology.layout.pp,
-                              "1 when train.init_from is a backbone-only checkpoint (pipeline stages do not yet "
-                              "load parts of the model)")
         module = build_mllm_pipeline_module(
             cfg.backbone, cfg.mllm, topology, seed=cfg.run.seed,
             activation_checkpoint_interval=1 if cfg.train.activation_checkpointing else 0,

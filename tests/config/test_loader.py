@@ -339,3 +339,20 @@ def test_pipeline_combinations_the_unified_trainer_cannot_run_fail_config_check(
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert f"{key}: got" in err and "parallel.pp=2" in err and len(err.strip().splitlines()) == 1
+
+
+def test_pipeline_from_a_backbone_only_init_checkpoint_fails_config_check(tmp_path, capsys):
+    """Before: `config check` said ok (it read no checkpoint); `megadual train` refused at start."""
+    from megadual.cli import main
+    from megadual.convert.writers import write_init_checkpoint
+    from megadual.models.qwen2 import build_qwen2
+
+    mllm_config = os.path.join(REPO, "configs", "debug", "mllm.yaml")
+    backbone = load_config(mllm_config).backbone
+    write_init_checkpoint([build_qwen2(backbone, seed=0).state_dict()], backbone, str(tmp_path / "init"))
+    argv = ["config", "check", "-c", mllm_config, "--set", f"train.init_from={tmp_path / 'init'}"]
+    assert main(argv) == 0  # pp=1 starts the backbone from it
+    assert main([*argv, "--set", "parallel.pp=2", "--set", "parallel.zero_stage=1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["megadual: error: parallel.pp: got 2, expected 1 when train.init_from is a backbone-only "
+                   "checkpoint (pipeline stages do not yet load parts of the model)"]

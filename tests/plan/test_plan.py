@@ -57,7 +57,7 @@ def test_plan_model_states_of_a_layout_equal_deepspeeds_estimate():
 
 
 def test_search_ranks_fitting_layouts_and_lists_refusals():
-    cfg = load_config([QWEN_3B, MLLM_3B])
+    cfg = load_config([MLLM_3B])
     plan = make_plan(cfg, Cluster(64, 8, 80 * GIB, 989, 0.45, 2 * GIB), search=True)
     fitting = [e for e in plan.layouts if e.fits]
     assert fitting and all(e.layout.tp * e.layout.pp * e.layout.dp == 64 for e in plan.layouts)
@@ -87,7 +87,7 @@ def test_pipeline_splits_layers_and_adds_a_bubble():
 
 def test_cli_json_and_png(tmp_path, capsys):
     png = tmp_path / "plan.png"
-    assert cli_main(["plan", "-c", QWEN_3B, "-c", MLLM_3B, "--gpus", "8", "--search", "--json", "--png", str(png)]) == 0
+    assert cli_main(["plan", "-c", MLLM_3B, "--gpus", "8", "--search", "--json", "--png", str(png)]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["num_parameters"] == sum(out["parts"].values())
     assert {"embedding", "decoder layers", "pixel depth head", "semantic depth head"} <= set(out["parts"])
