@@ -173,47 +173,56 @@ def _stage_params(parts: list[Part], layout: Layout, stage: str, num_layers: int
     return trainable, frozen, largest
 
 
+def _stage_memory(cfg: Config, parts: list[Part], work: MicroBatchWork, layout: Layout, stage: str,
+                  dtype: str, tied: bool) -> dict[str, float]:
+    """Bytes per rank of one stage ("only" when pp = 1), by MEMORY_PARTS, and their total."""
+    sides = ("first", "last") if stage == "only" else (stage,)
+    trainable, frozen, largest = _stage_params(parts, layout, stage, work.num_layers, tied)
+    states = model_state_bytes(trainable, largest, layout.dp, layout.zero_stage, dtype, frozen)
+    per_layer = work.layer_input_bytes if layout.activation_checkpointing else work.layer.saved_bytes
+    recompute = work.layer.saved_bytes if layout.activation_checkpointing else 0  # one layer at a time
+    first = sum(t.saved_bytes for t in work.first.values()) if "first" in sides else 0
+    last = sum(t.saved_bytes for t in work.last.values()) + work.head_transient_bytes if "last" in sides else 0
+    layers_here = math.ceil(work.num_layers / layout.pp)
+    memory = {
+        "parameters": states.parameters, "gradients": states.gradients, "optimizer": states.optimizer,
+        "activations": _in_flight(layout, stage) * (layers_here * per_layer + first) + recompute,
+        "heads": last,
+        "buffers": buffer_bytes(trainable, layout.dp, layout.zero_stage, dtype, cfg.deepspeed),
+    }
+    memory["total"] = sum(memory[k] for k in MEMORY_PARTS)
+    return memory
+
+
+def _stage_hardware_flops(work: MicroBatchWork, layout: Layout, stage: str) -> float:
+    """FLOPs one rank of the stage runs per micro-batch: forward + backward (+ recompute)."""
+    sides = ("first", "last") if stage == "only" else (stage,)
+    layers = math.ceil(work.num_layers / layout.pp) * work.layer.forward_flops
+    others = sum(t.forward_flops for side in sides for t in (work.first if side == "first" else work.last).values())
+    return 3 * (layers + others) + (layers if layout.activation_checkpointing else 0)
+
+
+def _flops_per_step(work: MicroBatchWork, layout: Layout) -> dict[str, float]:
+    """Model FLOPs per optimizer step by part, once per model replica: tensor-parallel shards
+    add up, replicated parts count once."""
+    forward = {"decoder layers": work.num_layers * work.layer.forward_flops * layout.tp}
+    for name, t in [*work.first.items(), *work.last.items()]:
+        forward[name] = t.forward_flops * (layout.tp if name in work.split_by_tp else 1)
+    return {name: 3 * f * layout.grad_accum * layout.dp for name, f in forward.items()}
+
+
 def estimate(cfg: Config, command: str, parts: list[Part], work: MicroBatchWork, layout: Layout,
              cluster: Cluster, tied: bool) -> LayoutEstimate:
     """Memory per rank, step time and throughput of one layout (module docstring)."""
     dtype = "fp32" if command == "train-tokenizer" else cfg.train.dtype
-    layers_here = math.ceil(work.num_layers / layout.pp)
-    per_layer = work.layer_input_bytes if layout.activation_checkpointing else work.layer.saved_bytes
-    recompute = work.layer.saved_bytes if layout.activation_checkpointing else 0
-    stages = {"only": ("first", "last")} if layout.pp == 1 else {"first": ("first",), "last": ("last",)}
-    result = LayoutEstimate(layout)
-    slowest = 0.0
-    for stage, sides in stages.items():
-        in_flight = _in_flight(layout, stage)
-        trainable, frozen, largest = _stage_params(parts, layout, stage, work.num_layers, tied)
-        states = model_state_bytes(trainable, largest, layout.dp, layout.zero_stage, dtype, frozen)
-        extras = [t for side in sides for t in (work.first if side == "first" else work.last).values()]
-        head = sum(t.saved_bytes for side in sides if side == "last" for t in work.last.values())
-        first = sum(t.saved_bytes for t in work.first.values()) if "first" in sides else 0
-        memory = {
-            "parameters": states.parameters, "gradients": states.gradients, "optimizer": states.optimizer,
-            "activations": in_flight * (layers_here * per_layer + first) + recompute,
-            "heads": head + (work.head_transient_bytes if "last" in sides else 0),
-            "buffers": buffer_bytes(trainable, layout.dp, layout.zero_stage, dtype, cfg.deepspeed),
-        }
-        memory["total"] = sum(memory[k] for k in MEMORY_PARTS)
-        if memory["total"] >= result.memory_per_rank_bytes.get("total", -1):
-            result.memory_per_rank_bytes, result.worst_stage = memory, stage
-        layer_flops = layers_here * work.layer.forward_flops
-        other_flops = sum(t.forward_flops for t in extras)
-        model_flops = 3 * (layer_flops + other_flops)
-        hardware_flops = model_flops + (layer_flops if layout.activation_checkpointing else 0)
-        slowest = max(slowest, hardware_flops)
-    slots = layout.grad_accum + layout.pp - 1
-    result.step_time_s = slots * slowest / (cluster.peak_tflops * 1e12 * cluster.mfu)
-    result.bubble = (layout.pp - 1) / slots
-    tokens = work.tokens * layout.grad_accum * layout.dp
-    result.tokens_per_s = tokens / result.step_time_s
-    # Model FLOPs once per model replica: tensor-parallel shards add up, replicated parts count once.
-    micro_batches = layout.grad_accum * layout.dp
-    forward = {"decoder layers": work.num_layers * work.layer.forward_flops * layout.tp}
-    for name, t in [*work.first.items(), *work.last.items()]:
-        forward[name] = t.forward_flops * (layout.tp if name in work.split_by_tp else 1)
-    result.flops_per_step = {name: 3 * f * micro_batches for name, f in forward.items()}
-    result.fits = result.memory_per_rank_bytes["total"] + cluster.reserve_bytes <= cluster.gpu_memory_bytes
-    return result
+    stages = ("only",) if layout.pp == 1 else ("first", "last")
+    memories = {stage: _stage_memory(cfg, parts, work, layout, stage, dtype, tied) for stage in stages}
+    worst = max(stages, key=lambda stage: memories[stage]["total"])
+    slots = layout.grad_accum + layout.pp - 1  # 1F1B: the bubble is pp - 1 slots of the slowest stage
+    step_time = slots * max(_stage_hardware_flops(work, layout, s) for s in stages) / (
+        cluster.peak_tflops * 1e12 * cluster.mfu)
+    return LayoutEstimate(
+        layout, memory_per_rank_bytes=memories[worst], worst_stage=worst,
+        fits=memories[worst]["total"] + cluster.reserve_bytes <= cluster.gpu_memory_bytes,
+        step_time_s=step_time, tokens_per_s=work.tokens * layout.grad_accum * layout.dp / step_time,
+        bubble=(layout.pp - 1) / slots, flops_per_step=_flops_per_step(work, layout))

@@ -80,7 +80,7 @@ def draw_plan(plan: Plan, path: str, top: int = 12, title: Optional[str] = None)
     usable = (plan.cluster.gpu_memory_bytes - plan.cluster.reserve_bytes) / GIB
     ax.axhline(plan.cluster.gpu_memory_bytes / GIB, color="black", linestyle="--", label="GPU memory")
     ax.axhline(usable, color="grey", linestyle=":", label="usable (less reserve)")
-    ax.set_xticks(range(len(rows)), [_layout_name(e).replace(" ", "\n", 3) for e in rows], fontsize=7)
+    ax.set_xticks(range(len(rows)), [_layout_name(e).replace(" ", "\n") for e in rows], fontsize=7)
     ax.set_ylabel("GiB per rank")
     ax.set_title(title or f"{plan.command}: {plan.num_parameters / 1e9:.2f}B on {plan.cluster.gpus} GPUs")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
