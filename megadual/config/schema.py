@@ -88,6 +88,9 @@ class ParallelConfig:
     # not answer (torch's own default is 30 minutes; a checkpoint save of a large model is one
     # collective, so keep it well above the longest save).
     collective_timeout_s: float = 1800.0
+    # Tensor-parallel peers exchange activations in every layer: a tp group that spans nodes
+    # runs at network speed. Refused unless forced.
+    allow_cross_node_tp: bool = False
 
     def validate(self, prefix: str = "parallel") -> None:
         for name in ("tp", "pp"):
@@ -151,6 +154,7 @@ class TrainConfig:
     activation_checkpointing: bool = False
     save_every: int = 0  # 0: only at the end
     max_skipped_steps: int = 10  # optimizer steps in a row with non-finite gradients before the run stops
+    replica_check_every: int = 100  # steps between checks that data-parallel replicas agree (0: never)
     # A MegaDual init checkpoint (`megadual convert from-hf` / `reshard`) to start from; if it
     # carries a trainer position (a reshard of a run), training continues from that step.
     init_from: Optional[str] = None
@@ -161,6 +165,8 @@ class TrainConfig:
                 raise ConfigError(f"{prefix}.{name}", getattr(self, name), "a positive integer")
         if self.save_every < 0:
             raise ConfigError(f"{prefix}.save_every", self.save_every, "0 (only at the end) or a positive integer")
+        if self.replica_check_every < 0:
+            raise ConfigError(f"{prefix}.replica_check_every", self.replica_check_every, "0 (off) or a positive integer")
 
 
 @dataclass
@@ -425,6 +431,7 @@ class TokenizerTrainConfig:
     tower_lr_scale: float = 1.0
     save_every: int = 0  # 0: only at the end
     max_skipped_steps: int = 10  # optimizer steps in a row with non-finite gradients before the run stops
+    replica_check_every: int = 100  # steps between checks that data-parallel replicas agree (0: never)
     image_every: int = 0  # PNG grid of inputs vs reconstructions and codebook usage (0: off)
     wandb_project: Optional[str] = None  # log to wandb (mode from WANDB_MODE, default offline)
 
@@ -432,7 +439,7 @@ class TokenizerTrainConfig:
         _positive(self, prefix, "steps", "micro_batch_size", "grad_accum", "max_skipped_steps")
         if not 0 < self.tower_lr_scale <= 1:
             raise ConfigError(f"{prefix}.tower_lr_scale", self.tower_lr_scale, "a fraction in (0, 1] of optim.lr")
-        for name in ("save_every", "image_every"):
+        for name in ("save_every", "image_every", "replica_check_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{prefix}.{name}", getattr(self, name), "0 (off) or a positive integer")
 

@@ -73,6 +73,15 @@ def _skip_shm_comm_build() -> None:
         module.build_shm_op = lambda: None
 
 
+def ranks_per_node(world_size: int) -> int:
+    """This node's rank count, as the launcher says it: torchrun's LOCAL_WORLD_SIZE, the
+    deepspeed launcher's LOCAL_SIZE; without either, one node holds every rank."""
+    for name in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE"):
+        if os.environ.get(name):
+            return int(os.environ[name])
+    return world_size
+
+
 DEFAULT_COLLECTIVE_TIMEOUT_S = 1800.0  # torch's own default
 
 

@@ -7,7 +7,8 @@ ranks (one node's fast links) and a pipeline engine built by DeepSpeed agrees wi
     rank = (pp_rank * dp + dp_rank) * tp + tp_rank
 
 `plan_layout` checks the degrees against the world size and the model without touching
-any process group, so a bad layout fails before the first collective.
+any process group, so a bad layout fails before the first collective; `check_tp_placement`
+checks that every tensor-parallel group sits inside one node.
 """
 
 from __future__ import annotations
@@ -78,6 +79,29 @@ def plan_layout(parallel: ParallelConfig, backbone: Optional[BackboneConfig], wo
         if pp > backbone.num_layers:
             raise ConfigError("parallel.pp", pp, f"at most backbone.num_layers={backbone.num_layers}")
     return Layout(tp=tp, pp=pp, dp=world_size // (tp * pp))
+
+
+def check_tp_placement(parallel: ParallelConfig, world_size: int, ranks_per_node: int) -> None:
+    """Refuse tensor-parallel groups that would span nodes (unless parallel.allow_cross_node_tp).
+
+    Launchers number ranks node by node (rank = node * ranks_per_node + local rank) and a tp
+    group is a run of tp consecutive ranks, so every group is node-local exactly when tp
+    divides the ranks per node.
+    """
+    tp = parallel.tp
+    if ranks_per_node >= world_size or ranks_per_node % tp == 0 or parallel.allow_cross_node_tp:
+        return
+    raise ConfigError(
+        "parallel.tp", tp,
+        f"a divisor of the {ranks_per_node} ranks per node, so that tensor-parallel peers (they exchange "
+        "activations in every layer) share a node; launch more ranks per node, lower parallel.tp, or set "
+        "parallel.allow_cross_node_tp=true to run it anyway",
+    )
+
+
+def node_of(rank: int, ranks_per_node: int) -> int:
+    """The node a launcher puts `rank` on."""
+    return rank // ranks_per_node
 
 
 class Topology:

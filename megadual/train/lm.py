@@ -58,6 +58,7 @@ def train_lm(cfg: Config, resume: bool = False, show_progress: bool = True) -> R
         settings=LoopSettings.of_train(cfg),
         dp_rank=topology.dp_rank,
         dp_size=topology.layout.dp,
+        dp_group=topology.dp_group,
     )
     return run_loop(cfg, job, info, resume, show_progress)
 

@@ -22,11 +22,13 @@ import torch
 from tqdm import tqdm
 
 from megadual.config import Config, config_to_dict, dump_config
-from megadual.distributed.runtime import ProcessInfo, collective_timeout_error, init_distributed, is_collective_timeout
-from megadual.distributed.topology import Topology, plan_layout
+from megadual.distributed.runtime import (ProcessInfo, collective_timeout_error, init_distributed,
+                                          is_collective_timeout, ranks_per_node)
+from megadual.distributed.topology import Topology, check_tp_placement, plan_layout
 
 from .checkpoint import CHECKPOINTS, commit_checkpoint, newest_complete_tag, unwritable_checkpoint_error
 from .nonfinite import NonFiniteGuard, NonFiniteTrainingError, weights_finite_on_every_rank
+from .replicas import check_replicas
 from .tracking import StepLog, plot_losses
 
 logger = logging.getLogger(__name__)
@@ -51,12 +53,14 @@ class LoopSettings:
     wandb_project: Optional[str]
     init_from: Optional[str] = None  # an init checkpoint whose trainer position a run continues
     max_skipped_steps: int = 10  # non-finite optimizer steps in a row before the run stops (nonfinite.py)
+    replica_check_every: int = 100  # steps between data-parallel replica checks (replicas.py); 0: never
 
     @classmethod
     def of_train(cls, cfg: Config) -> "LoopSettings":
         """The `train` section's (with `run.wandb_project`): the LM and unified-model trainers."""
         t = cfg.train
-        return cls(t.steps, t.grad_accum, t.save_every, cfg.run.wandb_project, t.init_from, t.max_skipped_steps)
+        return cls(t.steps, t.grad_accum, t.save_every, cfg.run.wandb_project, t.init_from, t.max_skipped_steps,
+                   t.replica_check_every)
 
 
 @dataclass
@@ -95,6 +99,7 @@ class TrainingJob:
     progress_keys: tuple[str, ...] = ("loss",)  # metrics shown beside the progress bar
     dp_rank: int = 0  # which data-parallel replica this rank's loader reads for
     dp_size: int = 1
+    dp_group: Any = None  # this rank's data-parallel process group (None: the world)
     save_extra: Optional[Callable[[str], None]] = None  # before the engine's own save (which moves `latest`)
     load_extra: Optional[Callable[[str], None]] = None  # after the engine's own load
     after_step: Optional[Callable[[dict], None]] = None  # every rank, after a step's record is written
@@ -160,8 +165,7 @@ def limit_threads(world_size: int) -> None:
     """The `deepspeed` launcher leaves OMP_NUM_THREADS unset; share the cores between ranks
     instead of letting every rank use all of them (many times slower on small machines)."""
     if "OMP_NUM_THREADS" not in os.environ and not torch.cuda.is_available():
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local)))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, ranks_per_node(world_size))))
 
 
 def start_processes(cfg: Config) -> ProcessInfo:
@@ -188,7 +192,9 @@ def _current_rss_mib() -> float:
 def start_run(cfg: Config) -> tuple[ProcessInfo, Topology]:
     """Validate the layout (before any process group), then `start_processes` and build the topology."""
     global _baseline_rss_mib
-    layout = plan_layout(cfg.parallel, cfg.backbone, int(os.environ.get("WORLD_SIZE", "1")))
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    layout = plan_layout(cfg.parallel, cfg.backbone, world_size)
+    check_tp_placement(cfg.parallel, world_size, ranks_per_node(world_size))
     info = start_processes(cfg)
     # DeepSpeed's engines import ~800 modules (torch._dynamo, sympy, ...) on first use: load them
     # now, so the baseline holds them and not the model's memory.
@@ -297,6 +303,8 @@ def run_loop(cfg: Config, job: TrainingJob, info: ProcessInfo, resume: bool, sho
             if guard.skipped_in_a_row >= settings.max_skipped_steps:
                 raise _stop_non_finite(f"{guard.skipped_in_a_row} optimizer steps in a row had inf or nan gradients "
                                        f"(loss {result.loss}) and were skipped, up to step {step + 1}", run_dir)
+            if settings.replica_check_every and (step + 1) % settings.replica_check_every == 0:
+                check_replicas(engine.module, engine.zero_optimization_stage(), step + 1, job.dp_group)
             if settings.save_every and (step + 1) % settings.save_every == 0 and step + 1 < total:
                 save(step + 1)
         if start_step < total:

@@ -217,6 +217,7 @@ def train_mllm(cfg: Config, resume: bool = False, show_progress: bool = True) ->
         plot_keys=("loss", *LOSS_PARTS),
         dp_rank=topology.dp_rank,
         dp_size=topology.layout.dp,
+        dp_group=topology.dp_group,
     )
     return run_loop(cfg, job, info, resume, show_progress)
 

@@ -248,7 +248,7 @@ def train_tokenizer(cfg: Config, resume: bool = False, show_progress: bool = Tru
         loader=loader,
         step=step,
         settings=LoopSettings(tcfg.steps, tcfg.grad_accum, tcfg.save_every, tcfg.wandb_project,
-                              max_skipped_steps=tcfg.max_skipped_steps),
+                              max_skipped_steps=tcfg.max_skipped_steps, replica_check_every=tcfg.replica_check_every),
         name="train-tokenizer",
         progress_keys=("loss", "psnr", "usage_pixel", "usage_semantic"),
         dp_rank=rank,

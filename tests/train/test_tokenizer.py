@@ -134,7 +134,8 @@ def test_two_rank_deepspeed_run_keeps_codebooks_identical(tmp_path, monkeypatch)
     args = ["train-tokenizer", "--config", DEBUG_CONFIG, "--set", f"run.out_dir={run_dir}",
             "--set", "tokenizer_train.steps=16", "--set", "tokenizer_train.micro_batch_size=8",
             "--set", "tokenizer_train.zero_stage=2", "--set", "tokenizer.discriminator.start_step=10",
-            "--set", "tokenizer.loss.lpips_weight=0.0", "--set", "tokenizer_train.wandb_project=megadual-test"]
+            "--set", "tokenizer.loss.lpips_weight=0.0", "--set", "tokenizer_train.wandb_project=megadual-test",
+            "--set", "tokenizer_train.replica_check_every=1"]  # every step: EMA codebooks and parameters agree
     run_deepspeed(2, args, timeout=600, log_path=str(tmp_path / "launch.log"))
     digests = [json.loads((run_dir / "ranks" / f"rank_{r}_codebooks.json").read_text()) for r in range(2)]
     assert digests[0] == digests[1]
