@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import socket
 import sys
 import time
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Optional
+from typing import Mapping, Optional
 
 import torch
 
@@ -73,6 +74,51 @@ def _skip_shm_comm_build() -> None:
         module.build_shm_op = lambda: None
 
 
+_SLURM_TASK = ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_NODELIST")
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list: "gpu[07-09,12],cpu1" -> "gpu07", "a,b" -> "a"."""
+    head = re.match(r"[^,\[]*(\[[^\]]*\])?", nodelist.strip()).group(0)
+    if "[" not in head:
+        return head
+    prefix, ranges = head[:-1].split("[", 1)
+    return prefix + ranges.split(",")[0].split("-")[0]
+
+
+def _tasks_on_node(tasks_per_node: str, node_id: int) -> int:
+    """SLURM_TASKS_PER_NODE ("4(x2),2": 4 on each of two nodes, then 2) for one node."""
+    counts = []
+    for item in tasks_per_node.split(","):
+        count, _, times = item.partition("(x")
+        counts += [int(count)] * (int(times.rstrip(")")) if times else 1)
+    return counts[min(node_id, len(counts) - 1)]
+
+
+def slurm_environment(env: Mapping[str, str]) -> dict[str, str]:
+    """What torch.distributed needs, from an `srun` task's SLURM_* variables.
+
+    Only when no launcher set RANK (torchrun and deepspeed inside an allocation keep theirs):
+    RANK, WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE from SLURM_PROCID, SLURM_NTASKS,
+    SLURM_LOCALID and SLURM_TASKS_PER_NODE; MASTER_ADDR the node list's first host and
+    MASTER_PORT one every task of the job derives alike from SLURM_JOB_ID, unless set.
+    """
+    if "RANK" in env or not all(name in env for name in _SLURM_TASK):
+        return {}
+    out = {"RANK": env["SLURM_PROCID"], "WORLD_SIZE": env["SLURM_NTASKS"], "LOCAL_RANK": env["SLURM_LOCALID"]}
+    per_node = env.get("SLURM_TASKS_PER_NODE")
+    if per_node:
+        out["LOCAL_WORLD_SIZE"] = str(_tasks_on_node(per_node, int(env.get("SLURM_NODEID", "0"))))
+    out["MASTER_ADDR"] = env.get("MASTER_ADDR") or first_host(env["SLURM_NODELIST"])
+    out["MASTER_PORT"] = env.get("MASTER_PORT") or str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 10000)
+    return out
+
+
+def adopt_launcher_environment() -> None:
+    """Fill RANK & co. from SLURM when `srun` started this process directly (idempotent)."""
+    os.environ.update(slurm_environment(os.environ))
+
+
 def ranks_per_node(world_size: int) -> int:
     """This node's rank count, as the launcher says it: torchrun's LOCAL_WORLD_SIZE, the
     deepspeed launcher's LOCAL_SIZE; without either, one node holds every rank."""
@@ -93,6 +139,7 @@ def init_distributed(collective_timeout_s: float = DEFAULT_COLLECTIVE_TIMEOUT_S)
             (a group that is already initialised keeps its own).
     """
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+    adopt_launcher_environment()
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")

@@ -22,8 +22,8 @@ import torch
 from tqdm import tqdm
 
 from megadual.config import Config, config_to_dict, dump_config
-from megadual.distributed.runtime import (ProcessInfo, collective_timeout_error, init_distributed,
-                                          is_collective_timeout, ranks_per_node)
+from megadual.distributed.runtime import (ProcessInfo, adopt_launcher_environment, collective_timeout_error,
+                                          init_distributed, is_collective_timeout, ranks_per_node)
 from megadual.distributed.topology import Topology, check_tp_placement, plan_layout
 
 from .checkpoint import CHECKPOINTS, commit_checkpoint, newest_complete_tag, unwritable_checkpoint_error
@@ -171,6 +171,7 @@ def limit_threads(world_size: int) -> None:
 def start_processes(cfg: Config) -> ProcessInfo:
     """Share the cores between this host's ranks, start the process group, and write the
     resolved config into the run directory (rank 0)."""
+    adopt_launcher_environment()
     limit_threads(int(os.environ.get("WORLD_SIZE", "1")))
     info = init_distributed(cfg.parallel.collective_timeout_s)
     if info.rank == 0:
@@ -192,6 +193,7 @@ def _current_rss_mib() -> float:
 def start_run(cfg: Config) -> tuple[ProcessInfo, Topology]:
     """Validate the layout (before any process group), then `start_processes` and build the topology."""
     global _baseline_rss_mib
+    adopt_launcher_environment()  # srun without a launcher: ranks from SLURM_*
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     layout = plan_layout(cfg.parallel, cfg.backbone, world_size)
     check_tp_placement(cfg.parallel, world_size, ranks_per_node(world_size))
