@@ -176,12 +176,21 @@ class CollectiveTimeoutError(TimeoutError):
     """A collective waited past `parallel.collective_timeout_s` for a peer (stopped, hung or dead)."""
 
 
-# How the backends word a collective that waited past its timeout (gloo; NCCL's watchdog).
+# How the backends word a collective that waited past its timeout (gloo; NCCL's watchdog), and
+# one whose peer process or node went away (gloo's TCP pairs; NCCL).
 _TIMEOUT_WORDING = ("Timed out waiting", "collective operation timeout")
+_PEER_LOST_WORDING = ("Connection closed by peer", "Connection reset by peer",
+                      "remote process exited or there was a network error")
 
 
 def is_collective_timeout(error: BaseException) -> bool:
     return isinstance(error, RuntimeError) and any(w in str(error) for w in _TIMEOUT_WORDING)
+
+
+def is_peer_lost(error: BaseException) -> bool:
+    """A collective failed because a peer rank stopped, hung or died (timed out or disconnected)."""
+    return is_collective_timeout(error) or (
+        isinstance(error, RuntimeError) and any(w in str(error) for w in _PEER_LOST_WORDING))
 
 
 def unanswering_ranks(grace_s: float = 5.0) -> Optional[list[int]]:
@@ -207,10 +216,16 @@ def unanswering_ranks(grace_s: float = 5.0) -> Optional[list[int]]:
         return None
 
 
-def collective_timeout_error(error: BaseException, timeout_s: float) -> CollectiveTimeoutError:
-    """One line naming the ranks that did not answer a timed-out collective."""
+def collective_timeout_error(error: BaseException, timeout_s: float, after: str = "") -> CollectiveTimeoutError:
+    """One line naming the ranks that did not answer a collective that timed out or lost a peer.
+
+    Args:
+        after: appended to the message (e.g. where to resume from).
+    """
     missing = unanswering_ranks()
     who = ("rank 0 (it holds the rendezvous store, which does not answer either)" if missing is None
            else f"rank(s) {', '.join(map(str, missing))}" if missing else "a rank that answered too late")
-    return CollectiveTimeoutError(f"{who} did not answer a collective within parallel.collective_timeout_s="
-                                  f"{timeout_s:g} s (stopped, hung or dead; {str(error).strip().splitlines()[0]})")
+    what = ("did not answer a collective within parallel.collective_timeout_s=" f"{timeout_s:g} s"
+            if is_collective_timeout(error) else "left a collective (its process or node is gone)")
+    return CollectiveTimeoutError(f"{who} {what} (stopped, hung or dead; {str(error).strip().splitlines()[0]})"
+                                  f"{after}")

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from megadual.config import Config, config_to_dict, dump_config
 from megadual.distributed.runtime import (ProcessInfo, adopt_launcher_environment, collective_timeout_error,
-                                          init_distributed, is_collective_timeout, ranks_per_node)
+                                          init_distributed, is_peer_lost, ranks_per_node)
 from megadual.distributed.topology import Topology, check_tp_placement, plan_layout
 
 from .checkpoint import CHECKPOINTS, commit_checkpoint, newest_complete_tag, unwritable_checkpoint_error
@@ -153,11 +153,16 @@ def _barrier() -> None:
         torch.distributed.barrier()
 
 
+def _last_checkpoint(checkpoint_root: str) -> str:
+    """Where --resume would continue from, in words."""
+    tag = newest_complete_tag(checkpoint_root)
+    if tag is None:
+        return "no checkpoint was completed"
+    return f"the last complete checkpoint is {os.path.join(checkpoint_root, tag)}"
+
+
 def _stop_non_finite(message: str, run_dir: str) -> NonFiniteTrainingError:
-    root = os.path.join(run_dir, CHECKPOINTS)
-    last_good = newest_complete_tag(root)
-    where = (f"the last good checkpoint is {os.path.join(root, last_good)}" if last_good is not None
-             else "no checkpoint was written")
+    where = _last_checkpoint(os.path.join(run_dir, CHECKPOINTS))
     return NonFiniteTrainingError(f"{message}; {where} (lower optim.lr or check the data, then --resume)")
 
 
@@ -272,7 +277,7 @@ def run_loop(cfg: Config, job: TrainingJob, info: ProcessInfo, resume: bool, sho
             engine.save_checkpoint(checkpoint_root, tag=tag, client_state={"loader": loaders, "step": step},
                                    save_latest=False)
         except (OSError, RuntimeError) as e:  # torch.save reports a full disk as "[enforce fail at ...]"
-            if is_collective_timeout(e):
+            if is_peer_lost(e):
                 raise
             raise unwritable_checkpoint_error(os.path.join(checkpoint_root, tag), e) from e
         commit_checkpoint(checkpoint_root, tag, is_writer, _barrier)
@@ -311,10 +316,11 @@ def run_loop(cfg: Config, job: TrainingJob, info: ProcessInfo, resume: bool, sho
                 save(step + 1)
         if start_step < total:
             save(total)
-    except RuntimeError as e:  # a peer that stopped answering: name it instead of a backend's stack
-        if not is_collective_timeout(e):
+    except RuntimeError as e:  # a peer that stopped answering or died: name it instead of a backend's stack
+        if not is_peer_lost(e):
             raise
-        raise collective_timeout_error(e, cfg.parallel.collective_timeout_s) from e
+        after = f"; {_last_checkpoint(checkpoint_root)} (--resume continues from it)"
+        raise collective_timeout_error(e, cfg.parallel.collective_timeout_s, after) from e
     finally:
         progress.close()
         log.close()

@@ -9,8 +9,10 @@ steps, as in test_deepspeed_layouts.py)."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -119,3 +121,64 @@ def test_a_tp_group_across_the_two_nodes_is_refused_before_training(tmp_path):
     for err in errors:
         assert "parallel.tp: got 4, expected a divisor of the 2 ranks per node" in err
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def _wait_for_a_save_in_progress(checkpoints, deadline_s=120):
+    """Poll until a step tag exists whose completion record is not written yet (mid-save)."""
+    start = time.monotonic()
+    while time.monotonic() - start < deadline_s:
+        tags = sorted(checkpoints.glob("step_*")) if checkpoints.exists() else []
+        if tags and len(tags) >= 2 and not (tags[-1] / "complete.json").exists():
+            return tags[-1].name
+        time.sleep(0.01)
+    raise AssertionError("no save in progress seen")
+
+
+def test_a_node_killed_mid_save_ends_the_job_and_resume_equals_the_uninterrupted_run(tmp_path):
+    """Node 1 dies (SIGKILL of its launcher's whole process group) while a checkpoint is being
+    written: node 0's ranks leave within seconds naming ranks 2 and 3 and the last complete
+    checkpoint, `latest` never names the torn tag, and both nodes resumed give the losses of a
+    run that was never interrupted."""
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text(HOSTFILE)
+    settings = ["parallel.tp=2", "parallel.zero_stage=1", "train.steps=16", "train.save_every=2",
+                "train.seq_len=64", "data.num_samples=512", "parallel.collective_timeout_s=20"]
+
+    def args(run, *extra):
+        return ["train-lm", "-c", DEBUG_CONFIG, *_sets([f"run.out_dir={run}", *settings]), *extra]
+
+    straight = tmp_path / "straight"
+    port = free_port()
+    codes, errors = _run_nodes([_deepspeed_node(hostfile, n, port, args(straight)) for n in (0, 1)])
+    assert codes == [0, 0], errors[0][-3000:]
+
+    run = tmp_path / "run"
+    port = free_port()
+    nodes = [subprocess.Popen(_deepspeed_node(hostfile, n, port, args(run)), env=launch_env(), start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for n in (0, 1)]
+    try:
+        torn = _wait_for_a_save_in_progress(run / "checkpoints")
+        os.killpg(nodes[1].pid, signal.SIGKILL)
+        killed_at = time.monotonic()
+        err = nodes[0].communicate(timeout=120)[1]
+        took = time.monotonic() - killed_at
+    finally:
+        for p in nodes:
+            p.kill()
+    print(f"node 1 killed while {torn} was being written; node 0 exited {nodes[0].returncode} after {took:.1f} s:"
+          f" {err.splitlines()[-1] if err else None}")
+    assert nodes[0].returncode != 0 and took < 60
+    lines = [line for line in err.splitlines() if "megadual: error:" in line]
+    assert lines and all("rank(s) 2, 3 left a collective" in line for line in lines), err[-3000:]
+    latest = (run / "checkpoints" / "latest").read_text().strip()
+    assert (run / "checkpoints" / latest / "complete.json").exists()
+    assert f"the last complete checkpoint is {run / 'checkpoints' / latest}" in lines[0]
+
+    port = free_port()
+    codes, errors = _run_nodes([_deepspeed_node(hostfile, n, port, args(run, "--resume")) for n in (0, 1)])
+    assert codes == [0, 0], errors[0][-3000:]
+    resumed = {}
+    for line in (run / "metrics.jsonl").read_text().splitlines():  # a step logged twice keeps its last record
+        record = json.loads(line)
+        resumed[record["step"]] = record["loss"]
+    assert [resumed[s] for s in sorted(resumed)] == _losses(straight)
