@@ -85,6 +85,48 @@ def test_deepspeed_two_nodes_train_lm(name, tmp_path):
     _assert_matches(_losses(tmp_path / "run"), reference_losses(cfg, dp=4 // (cfg.parallel.tp * cfg.parallel.pp)), name)
 
 
+@pytest.fixture
+def two_network_namespaces():
+    """Two network namespaces joined by a veth pair, 10.77.N.1 and .2: each simulated node gets
+    its own address, so the master address is not loopback. Skips where namespaces cannot be made."""
+    tag = f"md{os.getpid() % 10000}"
+    names, links = [f"{tag}n0", f"{tag}n1"], [f"{tag}v0", f"{tag}v1"]
+    subnet = f"10.77.{os.getpid() % 250}"
+    setup = [["ip", "netns", "add", names[0]], ["ip", "netns", "add", names[1]],
+             ["ip", "link", "add", links[0], "type", "veth", "peer", "name", links[1]]]
+    for n in (0, 1):
+        setup += [["ip", "link", "set", links[n], "netns", names[n]],
+                  ["ip", "-n", names[n], "addr", "add", f"{subnet}.{n + 1}/24", "dev", links[n]],
+                  ["ip", "-n", names[n], "link", "set", links[n], "up"], ["ip", "-n", names[n], "link", "set", "lo", "up"]]
+    try:
+        for cmd in setup:
+            if subprocess.run(cmd, capture_output=True).returncode:
+                pytest.skip(f"network namespaces are not permitted here ({' '.join(cmd)} failed)")
+        # Per node: the command prefix, and gloo's interface (its default, the hostname's address, is not there).
+        yield f"{subnet}.1", [(["ip", "netns", "exec", names[n]], {"GLOO_SOCKET_IFNAME": links[n]}) for n in (0, 1)]
+    finally:
+        for name in names:
+            subprocess.run(["ip", "netns", "del", name], capture_output=True)
+
+
+def test_deepspeed_two_nodes_in_their_own_network_namespaces(tmp_path, two_network_namespaces):
+    master, nodes = two_network_namespaces
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text(HOSTFILE)
+    overrides = ["parallel.tp=2", "parallel.zero_stage=1"]
+    args = ["train-lm", "-c", DEBUG_CONFIG, *_sets([f"run.out_dir={tmp_path / 'run'}", *LM_SETTINGS, *overrides])]
+    port = free_port()
+    commands = []
+    for n, (prefix, env) in enumerate(nodes):
+        command = _deepspeed_node(hostfile, n, port, args)
+        command[command.index("127.0.0.1")] = master
+        commands.append(prefix + ["env", *(f"{k}={v}" for k, v in env.items())] + command)
+    codes, errors = _run_nodes(commands)
+    assert codes == [0, 0], errors[0][-3000:] + errors[1][-3000:]
+    _assert_matches(_losses(tmp_path / "run"), reference_losses(_config(tmp_path / "run", *overrides), dp=2),
+                    f"two network namespaces, master {master}")
+
+
 def test_torchrun_two_nodes_train_lm(tmp_path):
     overrides = ["parallel.tp=2", "parallel.zero_stage=1"]
     args = ["train-lm", "-c", DEBUG_CONFIG, *_sets([f"run.out_dir={tmp_path / 'run'}", *LM_SETTINGS, *overrides])]
