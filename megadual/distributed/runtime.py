@@ -172,8 +172,9 @@ def init_distributed(collective_timeout_s: float = DEFAULT_COLLECTIVE_TIMEOUT_S)
     )
 
 
-class CollectiveTimeoutError(TimeoutError):
-    """A collective waited past `parallel.collective_timeout_s` for a peer (stopped, hung or dead)."""
+class PeerFailureError(TimeoutError):
+    """A collective waited past `parallel.collective_timeout_s` for a peer, or lost it (stopped,
+    hung or dead)."""
 
 
 # How the backends word a collective that waited past its timeout (gloo; NCCL's watchdog), and
@@ -216,7 +217,7 @@ def unanswering_ranks(grace_s: float = 5.0) -> Optional[list[int]]:
         return None
 
 
-def collective_timeout_error(error: BaseException, timeout_s: float, after: str = "") -> CollectiveTimeoutError:
+def peer_failure_error(error: BaseException, timeout_s: float, after: str = "") -> PeerFailureError:
     """One line naming the ranks that did not answer a collective that timed out or lost a peer.
 
     Args:
@@ -225,7 +226,7 @@ def collective_timeout_error(error: BaseException, timeout_s: float, after: str 
     missing = unanswering_ranks()
     who = ("rank 0 (it holds the rendezvous store, which does not answer either)" if missing is None
            else f"rank(s) {', '.join(map(str, missing))}" if missing else "a rank that answered too late")
-    what = ("did not answer a collective within parallel.collective_timeout_s=" f"{timeout_s:g} s"
+    what = (f"did not answer a collective within parallel.collective_timeout_s={timeout_s:g} s"
             if is_collective_timeout(error) else "left a collective (its process or node is gone)")
-    return CollectiveTimeoutError(f"{who} {what} (stopped, hung or dead; {str(error).strip().splitlines()[0]})"
+    return PeerFailureError(f"{who} {what} (stopped, hung or dead; {str(error).strip().splitlines()[0]})"
                                   f"{after}")

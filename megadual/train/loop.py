@@ -22,8 +22,8 @@ import torch
 from tqdm import tqdm
 
 from megadual.config import Config, config_to_dict, dump_config
-from megadual.distributed.runtime import (ProcessInfo, adopt_launcher_environment, collective_timeout_error,
-                                          init_distributed, is_peer_lost, ranks_per_node)
+from megadual.distributed.runtime import (ProcessInfo, adopt_launcher_environment, init_distributed, is_peer_lost,
+                                          peer_failure_error, ranks_per_node)
 from megadual.distributed.topology import Topology, check_tp_placement, plan_layout
 
 from .checkpoint import CHECKPOINTS, commit_checkpoint, newest_complete_tag, unwritable_checkpoint_error
@@ -320,7 +320,7 @@ def run_loop(cfg: Config, job: TrainingJob, info: ProcessInfo, resume: bool, sho
         if not is_peer_lost(e):
             raise
         after = f"; {_last_checkpoint(checkpoint_root)} (--resume continues from it)"
-        raise collective_timeout_error(e, cfg.parallel.collective_timeout_s, after) from e
+        raise peer_failure_error(e, cfg.parallel.collective_timeout_s, after) from e
     finally:
         progress.close()
         log.close()
