@@ -195,6 +195,21 @@ def _current_rss_mib() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def _peak_rss_mib() -> float:
+    """This process's own peak resident memory: VmHWM. (getrusage's ru_maxrss survives exec, so
+    a process forked from a larger parent would report the parent's size.)"""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def start_run(cfg: Config) -> tuple[ProcessInfo, Topology]:
     """Validate the layout (before any process group), then `start_processes` and build the topology."""
     global _baseline_rss_mib
@@ -232,10 +247,7 @@ def _continue_from_init(path: str, job: TrainingJob) -> int:
 def write_rank_stats(run_dir: str, rank: int) -> None:
     """ranks/rank_N.json: this rank's peak host memory, its memory before the model was built
     (`start_run`; None for trainers that do not call it) and device memory on GPU."""
-    import resource
-
-    stats = {"rank": rank, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-             "baseline_rss_mib": _baseline_rss_mib}
+    stats = {"rank": rank, "peak_rss_mib": _peak_rss_mib(), "baseline_rss_mib": _baseline_rss_mib}
     if torch.cuda.is_available():
         stats["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
     os.makedirs(os.path.join(run_dir, "ranks"), exist_ok=True)
