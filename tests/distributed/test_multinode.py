@@ -137,19 +137,33 @@ def test_torchrun_two_nodes_train_lm(tmp_path):
                     "torchrun, tp2 x dp2")
 
 
-def test_deepspeed_two_nodes_train_unified_model(tmp_path):
-    shards = tmp_path / "tokens"
-    write_scene_token_shards(str(shards), num_samples=256)
+UNIFIED_LAYOUTS = {
+    "tp2 in a node x dp2 across, ZeRO-1": ["parallel.tp=2", "parallel.zero_stage=1"],
+    "tp2 in a node x dp2 across, ZeRO-3": ["parallel.tp=2", "parallel.zero_stage=3"],
+    "pp2 across nodes x tp2 in a node": ["parallel.tp=2", "parallel.pp=2", "parallel.zero_stage=1"],
+}
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tokens")
+    write_scene_token_shards(str(path), num_samples=256)
+    return path
+
+
+@pytest.mark.parametrize("name", list(UNIFIED_LAYOUTS))
+def test_deepspeed_two_nodes_train_unified_model(name, tmp_path, shards):
     hostfile = tmp_path / "hostfile"
     hostfile.write_text(HOSTFILE)
-    overrides = ["parallel.tp=2", "parallel.zero_stage=1", f"train.steps={STEPS}", "optim.warmup_steps=2"]
+    overrides = [*UNIFIED_LAYOUTS[name], f"train.steps={STEPS}", "optim.warmup_steps=2"]
     run = tmp_path / "run"
     args = ["train", "-c", MLLM_CONFIG, *_sets([f"run.out_dir={run}", f"loader.paths=[{shards}]", *overrides])]
     port = free_port()
     codes, errors = _run_nodes([_deepspeed_node(hostfile, n, port, args) for n in (0, 1)])
     assert codes == [0, 0], errors[0][-3000:] + errors[1][-3000:]
     cfg = mllm_config(run, str(shards), *overrides)
-    _assert_matches(_losses(run), mllm_reference_losses(cfg, dp=2), "unified model, tp2 x dp2")
+    dp = 4 // (cfg.parallel.tp * cfg.parallel.pp)
+    _assert_matches(_losses(run), mllm_reference_losses(cfg, dp=dp), f"unified model, {name}")
 
 
 def test_a_tp_group_across_the_two_nodes_is_refused_before_training(tmp_path):
