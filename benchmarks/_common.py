@@ -21,15 +21,21 @@ def add_device_arguments(parser, default_dtype: str = "fp32") -> None:
     parser.add_argument("--json", metavar="PATH", help="also write the results as one JSON object to PATH")
 
 
-def resolve_device(args):
-    """(torch.device, torch.dtype, sync) for the --device/--dtype flags; a clear exit when CUDA is asked
-    for and absent."""
+def device_and_sync(name: str):
+    """(torch.device, sync) for a --device name; a clear exit when CUDA is asked for and absent."""
     import torch
 
-    if args.device == "cuda" and not torch.cuda.is_available():
+    if name == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: CUDA is not available on this machine (torch.cuda.is_available() is False)")
-    device = torch.device(args.device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    device = torch.device(name)
+    return device, torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+
+def resolve_device(args):
+    """(torch.device, torch.dtype, sync) for the --device/--dtype flags (see device_and_sync)."""
+    import torch
+
+    device, sync = device_and_sync(args.device)
     return device, getattr(torch, DTYPES[args.dtype]), sync
 
 

@@ -173,12 +173,11 @@ def compare_argmin(shape_name: str, device_name: str, warmup: int, repeats: int)
     import megadual.ops as ops
     from megadual.ops import reference
 
-    if device_name == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: CUDA is not available on this machine")
+    from _common import device_and_sync, median_seconds
+
+    device, sync = device_and_sync(device_name)
     if not ops.extension_available():
         raise SystemExit("megadual._C is not built: run `pip install --no-build-isolation -e .` first")
-    device = torch.device(device_name)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     shape = SHAPES[shape_name]
     n, d, k, r = shape["n"], shape["d"], shape["k"], shape["r"]
     g = torch.Generator().manual_seed(0)
@@ -198,8 +197,6 @@ def compare_argmin(shape_name: str, device_name: str, warmup: int, repeats: int)
         "ext_encode": lambda: ops.rq_encode(x, codebook, r),
         "ext_train": ext_train,
     }
-    from _common import median_seconds
-
     rows = {}
     for name, run in cases.items():
         if device.type == "cuda":

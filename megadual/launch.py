@@ -20,6 +20,14 @@ from typing import Optional, Sequence
 from megadual.distributed.runtime import free_port
 
 
+def deepspeed_launcher() -> str:
+    """The `deepspeed` executable beside this interpreter (its venv), else on PATH."""
+    launcher = shutil.which("deepspeed", path=os.path.dirname(sys.executable)) or shutil.which("deepspeed")
+    if launcher is None:
+        raise FileNotFoundError("the `deepspeed` launcher is not installed: pip install deepspeed")
+    return launcher
+
+
 def deepspeed_command(num_procs: int, megadual_args: Sequence[str], master_port: Optional[int] = None) -> list[str]:
     """`deepspeed --num_gpus N --master_port P --no_local_rank --module megadual ARGS...`.
 
@@ -27,11 +35,8 @@ def deepspeed_command(num_procs: int, megadual_args: Sequence[str], master_port:
     `--no_local_rank` because ranks read LOCAL_RANK from the environment, and the flag would
     otherwise land in front of the subcommand.
     """
-    launcher = shutil.which("deepspeed", path=os.path.dirname(sys.executable)) or shutil.which("deepspeed")
-    if launcher is None:
-        raise FileNotFoundError("the `deepspeed` launcher is not installed: pip install deepspeed")
     return [
-        launcher,
+        deepspeed_launcher(),
         "--num_gpus", str(num_procs),
         "--master_port", str(master_port or free_port()),
         "--no_local_rank",

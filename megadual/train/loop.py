@@ -190,24 +190,17 @@ def start_processes(cfg: Config) -> ProcessInfo:
 _baseline_rss_mib: Optional[float] = None
 
 
-def _current_rss_mib() -> float:
-    with open("/proc/self/statm", encoding="ascii") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def _peak_rss_mib() -> float:
-    """This process's own peak resident memory: VmHWM. (getrusage's ru_maxrss survives exec, so
-    a process forked from a larger parent would report the parent's size.)"""
+def _status_mib(field: str) -> Optional[float]:
+    """A memory line of /proc/self/status in MiB (VmRSS: resident now; VmHWM: this process's own
+    peak, where getrusage's ru_maxrss would carry a larger parent's size across fork and exec)."""
     try:
         with open("/proc/self/status", encoding="ascii") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) / 1024
     except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        return None
+    return None
 
 
 def start_run(cfg: Config) -> tuple[ProcessInfo, Topology]:
@@ -225,7 +218,7 @@ def start_run(cfg: Config) -> tuple[ProcessInfo, Topology]:
     import deepspeed.runtime.zero.stage3  # noqa: F401
     import torch._dynamo  # noqa: F401  (DeepSpeed's engine pulls it in at initialize)
 
-    _baseline_rss_mib = _current_rss_mib()
+    _baseline_rss_mib = _status_mib("VmRSS")
     return info, Topology(layout)
 
 
@@ -247,7 +240,12 @@ def _continue_from_init(path: str, job: TrainingJob) -> int:
 def write_rank_stats(run_dir: str, rank: int) -> None:
     """ranks/rank_N.json: this rank's peak host memory, its memory before the model was built
     (`start_run`; None for trainers that do not call it) and device memory on GPU."""
-    stats = {"rank": rank, "peak_rss_mib": _peak_rss_mib(), "baseline_rss_mib": _baseline_rss_mib}
+    peak = _status_mib("VmHWM")
+    if peak is None:  # no /proc (not Linux)
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    stats = {"rank": rank, "peak_rss_mib": peak, "baseline_rss_mib": _baseline_rss_mib}
     if torch.cuda.is_available():
         stats["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
     os.makedirs(os.path.join(run_dir, "ranks"), exist_ok=True)

@@ -32,12 +32,13 @@ STEPS = 5
 RTOL = 1e-5
 
 
+# The debug backbone's run in every layout test (also the multi-node and SLURM ones).
+SETTINGS = [f"train.steps={STEPS}", "train.seq_len=64", "train.micro_batch_size=2", "train.grad_accum=2",
+            "data.num_samples=256", "optim.warmup_steps=2"]
+
+
 def _config(run_dir, *overrides):
-    return load_config(
-        DEBUG_CONFIG,
-        [f"run.out_dir={run_dir}", f"train.steps={STEPS}", "train.seq_len=64", "train.micro_batch_size=2",
-         "train.grad_accum=2", "data.num_samples=256", "optim.warmup_steps=2", *overrides],
-    )
+    return load_config(DEBUG_CONFIG, [f"run.out_dir={run_dir}", *SETTINGS, *overrides])
 
 
 def _read_losses(run_dir):

@@ -16,15 +16,13 @@ import time
 
 import pytest
 
-from megadual.launch import deepspeed_command, free_port, launch_env
-from tests.distributed.test_deepspeed_layouts import DEBUG_CONFIG, RTOL, STEPS, _config, reference_losses
+from megadual.launch import deepspeed_launcher, free_port, launch_env
+from tests.distributed.test_deepspeed_layouts import DEBUG_CONFIG, RTOL, SETTINGS, STEPS, _config, reference_losses
 from tests.train.mm_fixtures import write_scene_token_shards
 from tests.train.test_mllm_training import MLLM_CONFIG
 from tests.train.test_mllm_training import _config as mllm_config
 from tests.train.test_mllm_training import reference_losses as mllm_reference_losses
 
-LM_SETTINGS = [f"train.steps={STEPS}", "train.seq_len=64", "train.micro_batch_size=2", "train.grad_accum=2",
-               "data.num_samples=256", "optim.warmup_steps=2"]
 HOSTFILE = "node0 slots=2\nnode1 slots=2\n"
 
 
@@ -33,8 +31,7 @@ def _sets(overrides):
 
 
 def _deepspeed_node(hostfile, node_rank, port, args):
-    launcher = deepspeed_command(2, args)[0]
-    return [launcher, "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(node_rank), "--master_addr",
+    return [deepspeed_launcher(), "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(node_rank), "--master_addr",
             "127.0.0.1", "--master_port", str(port), "--no_local_rank", "--module", "megadual", *args]
 
 
@@ -77,7 +74,7 @@ def test_deepspeed_two_nodes_train_lm(name, tmp_path):
     hostfile = tmp_path / "hostfile"
     hostfile.write_text(HOSTFILE)
     overrides = LM_LAYOUTS[name]
-    args = ["train-lm", "-c", DEBUG_CONFIG, *_sets([f"run.out_dir={tmp_path / 'run'}", *LM_SETTINGS, *overrides])]
+    args = ["train-lm", "-c", DEBUG_CONFIG, *_sets([f"run.out_dir={tmp_path / 'run'}", *SETTINGS, *overrides])]
     port = free_port()
     codes, errors = _run_nodes([_deepspeed_node(hostfile, n, port, args) for n in (0, 1)])
     assert codes == [0, 0], errors[0][-3000:] + errors[1][-3000:]
@@ -114,7 +111,7 @@ def test_deepspeed_two_nodes_in_their_own_network_namespaces(tmp_path, two_netwo
     hostfile = tmp_path / "hostfile"
     hostfile.write_text(HOSTFILE)
     overrides = ["parallel.tp=2", "parallel.zero_stage=1"]
-    args = ["train-lm", "-c", DEBUG_CONFIG, *_sets([f"run.out_dir={tmp_path / 'run'}", *LM_SETTINGS, *overrides])]
+    args = ["train-lm", "-c", DEBUG_CONFIG, *_sets([f"run.out_dir={tmp_path / 'run'}", *SETTINGS, *overrides])]
     port = free_port()
     commands = []
     for n, (prefix, env) in enumerate(nodes):
@@ -129,7 +126,7 @@ def test_deepspeed_two_nodes_in_their_own_network_namespaces(tmp_path, two_netwo
 
 def test_torchrun_two_nodes_train_lm(tmp_path):
     overrides = ["parallel.tp=2", "parallel.zero_stage=1"]
-    args = ["train-lm", "-c", DEBUG_CONFIG, *_sets([f"run.out_dir={tmp_path / 'run'}", *LM_SETTINGS, *overrides])]
+    args = ["train-lm", "-c", DEBUG_CONFIG, *_sets([f"run.out_dir={tmp_path / 'run'}", *SETTINGS, *overrides])]
     port = free_port()
     codes, errors = _run_nodes([_torchrun_node(n, port, args) for n in (0, 1)])
     assert codes == [0, 0], errors[0][-3000:] + errors[1][-3000:]
@@ -170,7 +167,7 @@ def test_a_tp_group_across_the_two_nodes_is_refused_before_training(tmp_path):
     hostfile = tmp_path / "hostfile"
     hostfile.write_text(HOSTFILE)
     overrides = ["parallel.tp=4", "backbone.num_kv_heads=4"]
-    args = ["train-lm", "-c", DEBUG_CONFIG, *_sets([f"run.out_dir={tmp_path / 'run'}", *LM_SETTINGS, *overrides])]
+    args = ["train-lm", "-c", DEBUG_CONFIG, *_sets([f"run.out_dir={tmp_path / 'run'}", *SETTINGS, *overrides])]
     port = free_port()
     codes, errors = _run_nodes([_deepspeed_node(hostfile, n, port, args) for n in (0, 1)], timeout=120)
     assert codes[0] != 0 and codes[1] != 0

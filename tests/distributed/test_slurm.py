@@ -13,7 +13,7 @@ import pytest
 
 from megadual.distributed.runtime import first_host, slurm_environment
 from megadual.launch import free_port
-from tests.distributed.test_deepspeed_layouts import DEBUG_CONFIG, RTOL, STEPS, _config, reference_losses
+from tests.distributed.test_deepspeed_layouts import DEBUG_CONFIG, RTOL, SETTINGS, STEPS, _config, reference_losses
 
 OVERRIDES = ["parallel.tp=2"]
 
@@ -44,9 +44,7 @@ def _task_env(rank, port):
 def test_two_simulated_nodes_under_srun_match_the_single_process_run(tmp_path):
     run_dir = tmp_path / "run"
     cfg = _config(run_dir, *OVERRIDES)
-    sets = [a for o in [f"run.out_dir={run_dir}", f"train.steps={STEPS}", "train.seq_len=64", "train.micro_batch_size=2",
-                        "train.grad_accum=2", "data.num_samples=256", "optim.warmup_steps=2", *OVERRIDES]
-            for a in ("--set", o)]
+    sets = [a for o in [f"run.out_dir={run_dir}", *SETTINGS, *OVERRIDES] for a in ("--set", o)]
     port = free_port()
     procs = [subprocess.Popen([sys.executable, "-m", "megadual", "train-lm", "-c", DEBUG_CONFIG, *sets],
                               env=_task_env(rank, port), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
