@@ -189,7 +189,8 @@ class TextDataConfig:
 class PackedLoaderConfig:
     """The packed multimodal loader over token shards (megadual/data/packed_loader.py).
 
-    Each data-parallel rank runs `max(1, num_workers)` streams; a stream reads its share of
+    The data is split into `num_streams` streams, each rank runs an equal part of them (a
+    worker one or more, round-robin), and a stream reads its share of
     the shards (or samples) in windows of `pack_window` samples, turns each sample into an
     understanding or a generation sequence, and packs them into rows of `seq_len` tokens.
     """
@@ -198,8 +199,11 @@ class PackedLoaderConfig:
     seq_len: int = 4096
     batch_size: int = 1  # rows per batch on each data-parallel rank
     num_workers: int = 0  # DataLoader worker processes per rank (0: read in the main process)
+    # Streams the data is split into (0: dp x max(1, num_workers)). A run resumes on any data-parallel
+    # size whose dp x max(1, num_workers) divides it: set it to the largest such product you may grow to.
+    num_streams: int = 0
     seed: int = 0
-    # "shard": each stream reads whole shards (needs >= dp * max(1, num_workers) shards);
+    # "shard": each stream reads whole shards (needs >= num_streams shards);
     # "sample": each stream reads every N-th sample of every shard (any shard count).
     split: Literal["shard", "sample"] = "shard"
     # "epochs": every sample once per epoch; "resample": shards drawn with replacement.
@@ -221,6 +225,8 @@ class PackedLoaderConfig:
                 raise ConfigError(f"{prefix}.{name}", getattr(self, name), "a positive integer")
         if self.num_workers < 0:
             raise ConfigError(f"{prefix}.num_workers", self.num_workers, "0 (main process) or a positive integer")
+        if self.num_streams < 0:
+            raise ConfigError(f"{prefix}.num_streams", self.num_streams, "0 (dp x max(1, num_workers)) or a positive integer")
         for name in ("generation_fraction", "cfg_drop_rate"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"{prefix}.{name}", getattr(self, name), "a number in [0, 1]")

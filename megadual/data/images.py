@@ -3,8 +3,8 @@
 Shapes: B batch, S image side; images are float32 [B, 3, S, S] in [-1, 1] (SigLIP's
 normalisation: mean 0.5, std 0.5 per channel).
 
-Every source becomes a map-style index of records, so a loader position is two integers
-(epoch, batch) and a resumed run reads exactly the batches an uninterrupted one would:
+Every source becomes a map-style index of records, so a loader position is a few integers
+(`shares.Split` and a count) and a resumed run reads exactly the batches an uninterrupted one would:
 
 - webdataset shards (`.tar` files, or directories of them): members grouped by key (the name
   up to the first dot of the basename); an image member (jpg/jpeg/png/webp) makes a sample, a
@@ -32,6 +32,7 @@ from PIL import Image
 
 from megadual.config.schema import ImageDataConfig
 
+from .shares import Split, continue_split
 from .synthetic_images import synthetic_sample
 from .workers import die_with_parent
 
@@ -406,10 +407,11 @@ def _collate(items: list) -> dict[str, Any]:
 class ImageBatchLoader:
     """Endless, resumable batches of one data-parallel rank's share of a dataset.
 
-    Each epoch is a permutation drawn from (seed, epoch), cut to a multiple of
-    world_size x batch_size; rank r takes every world_size-th index from r. So the ranks'
-    batches are disjoint and their union is what one process with world_size x batch_size
-    would read.
+    Each epoch is a permutation drawn from (seed, epoch); the permutations of epoch after
+    epoch form one endless sequence of samples that the ranks share round-robin
+    (`shares.Split`: rank r takes samples r, r + world_size, ...). So the ranks' batches are
+    disjoint, their union is what one process with world_size x batch_size would read, and a
+    batch may run across an epoch's end.
 
     Args:
         dataset: a map-style dataset of `ImageSample` / `CorruptSample`.
@@ -420,13 +422,13 @@ class ImageBatchLoader:
         num_workers: DataLoader worker processes (0: decode here).
         on_corrupt: "skip" (count and log) or "raise" (ValueError naming the key).
 
-    State (`state_dict`): epoch, batch position, and the corrupt count so far.
+    State (`state_dict`): the split, the samples this rank took from it, and the corrupt
+    count so far; `load_global_state` continues every rank's position on another number of ranks.
     """
 
     def __init__(self, dataset, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
                  shuffle: bool = True, num_workers: int = 0, on_corrupt: str = "skip"):
-        per_epoch = len(dataset) // (batch_size * world_size)
-        if per_epoch < 1:
+        if len(dataset) < batch_size * world_size:
             raise ValueError(
                 f"the image dataset has {len(dataset)} samples, fewer than one global batch "
                 f"({world_size} ranks x {batch_size}); add images or lower the micro batch size"
@@ -436,29 +438,35 @@ class ImageBatchLoader:
         self.dataset, self.batch_size = dataset, batch_size
         self.rank, self.world_size, self.seed, self.shuffle = rank, world_size, seed, shuffle
         self.num_workers, self.on_corrupt = num_workers, on_corrupt
-        self.batches_per_epoch = per_epoch
-        self.epoch, self.position, self.num_corrupt = 0, 0, 0
+        self.split, self.taken, self.num_corrupt = Split(), 0, 0
+        self._order: tuple[int, list[int]] = (-1, [])  # (epoch, its permutation)
         self._iter: Optional[Iterator] = None
 
-    def _epoch_batches(self, epoch: int) -> list[list[int]]:
-        n = len(self.dataset)
-        if self.shuffle:
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)).tolist()
-        else:
-            order = list(range(n))
-        mine = order[: self.batches_per_epoch * self.batch_size * self.world_size][self.rank :: self.world_size]
-        return [mine[i : i + self.batch_size] for i in range(0, len(mine), self.batch_size)]
+    def _sample(self, g: int) -> int:
+        """The dataset index of sample g of the endless sequence."""
+        epoch, i = divmod(g, len(self.dataset))
+        if self._order[0] != epoch:
+            n = len(self.dataset)
+            order = (torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)).tolist()
+                     if self.shuffle else list(range(n)))
+            self._order = (epoch, order)
+        return self._order[1][i]
 
-    def _start_epoch(self) -> None:
-        batches = self._epoch_batches(self.epoch)[self.position :]
+    def _batches(self, split: Split, taken: int) -> Iterator[list[int]]:
+        """This rank's batches of dataset indices, from its `taken`-th sample of `split` on."""
+        while True:
+            yield [self._sample(split.item(self.rank, self.world_size, taken + j)) for j in range(self.batch_size)]
+            taken += self.batch_size
+
+    def _start(self) -> Iterator:
+        batches = self._batches(self.split, self.taken)
         if self.num_workers == 0:
-            self._iter = (_collate([self.dataset[i] for i in b]) for b in batches)
-        else:
-            loader = torch.utils.data.DataLoader(
-                self.dataset, batch_sampler=batches, num_workers=self.num_workers, collate_fn=_collate,
-                persistent_workers=False, worker_init_fn=die_with_parent,
-            )
-            self._iter = iter(loader)
+            return (_collate([self.dataset[i] for i in b]) for b in batches)
+        loader = torch.utils.data.DataLoader(
+            self.dataset, batch_sampler=batches, num_workers=self.num_workers, collate_fn=_collate,
+            persistent_workers=False, worker_init_fn=die_with_parent,
+        )
+        return iter(loader)
 
     def __iter__(self) -> "ImageBatchLoader":
         return self
@@ -469,13 +477,9 @@ class ImageBatchLoader:
         skipped: list[tuple[str, str]] = []
         while True:
             if self._iter is None:
-                self._start_epoch()
-            try:
-                batch = next(self._iter)
-            except StopIteration:
-                self.epoch, self.position, self._iter = self.epoch + 1, 0, None
-                continue
-            self.position += 1
+                self._iter = self._start()
+            batch = next(self._iter)
+            self.taken += self.batch_size
             for key, reason in batch["corrupt"]:
                 if self.on_corrupt == "raise":
                     raise ValueError(f"corrupt image {key}: {reason} (set images.on_corrupt=skip to skip such images)")
@@ -486,10 +490,22 @@ class ImageBatchLoader:
                 batch["corrupt"] = skipped
                 return batch
 
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "position": self.position, "num_corrupt": self.num_corrupt}
+    def state_dict(self) -> dict:
+        return {"split": self.split.to_state(), "world_size": self.world_size, "taken": self.taken,
+                "num_corrupt": self.num_corrupt}
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch, self.position, self.num_corrupt = state["epoch"], state["position"], state["num_corrupt"]
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from this rank's own `state_dict()` (same number of ranks)."""
+        if state["world_size"] != self.world_size:
+            raise ValueError(f"loader state of a run with {state['world_size']} data-parallel ranks, this one has "
+                             f"{self.world_size}; load every rank's state with load_global_state")
+        self.split, self.taken, self.num_corrupt = Split.from_state(state["split"]), state["taken"], state["num_corrupt"]
         self._iter = None
 
+    def load_global_state(self, states: list[dict]) -> None:
+        """Continue after the positions of every data-parallel rank of a run (dp-rank order),
+        saved with any number of ranks: each sample not yet read is read once, by one rank.
+        The run's corrupt count goes to rank 0 (the trainer logs the sum over ranks)."""
+        self.split, self.taken = continue_split(states), 0
+        self.num_corrupt = sum(s["num_corrupt"] for s in states) if self.rank == 0 else 0
+        self._iter = None

@@ -22,6 +22,7 @@ import torch
 from megadual.config.schema import TextDataConfig
 
 from .scenes import describe, sample_scene
+from .shares import Split, continue_split
 
 logger = logging.getLogger(__name__)
 
@@ -133,9 +134,12 @@ def collate_rows(rows: list[PackedRow], pad_id: int) -> dict[str, torch.Tensor]:
 class PackedTextLoader:
     """Endless, deterministic stream of packed batches for one data-parallel rank.
 
-    Epoch e shuffles the documents with (seed, e); rank r of `world_size` takes rows
-    r, r + world_size, ... so ranks never share a row. `state_dict()` records the position;
-    a loader restored from it yields exactly what the original would have yielded next.
+    Epoch e shuffles the documents with (seed, e) and packs them into rows; the rows of epoch
+    after epoch form one endless sequence that the data-parallel ranks share round-robin
+    (`shares.Split`: rank r takes rows r, r + world_size, ...), so ranks never share a row and
+    a batch may run across an epoch's end. `state_dict()` records the position; a loader
+    restored from it yields exactly what the original would have yielded next, and
+    `load_global_state` continues every rank's position on another number of ranks.
     """
 
     def __init__(
@@ -152,8 +156,8 @@ class PackedTextLoader:
         self.tokenized = [self.tokenizer.encode(d) for d in documents]
         self.seq_len, self.batch_size = seq_len, batch_size
         self.seed, self.rank, self.world_size = seed, rank, world_size
-        self.epoch, self.next_row = 0, 0
-        self._rows = self._epoch_rows(0)
+        self.split, self.taken = Split(), 0
+        self._epoch, self._epoch_start, self._rows = 0, 0, self._epoch_rows(0)
 
     def _epoch_rows(self, epoch: int) -> list[PackedRow]:
         order = list(range(len(self.tokenized)))
@@ -161,30 +165,46 @@ class PackedTextLoader:
         rows, dropped = pack_rows([self.tokenized[i] for i in order], self.seq_len, self.tokenizer.pad_id)
         if dropped and epoch == 0:
             logger.warning("dropped %d documents longer than seq_len=%d", dropped, self.seq_len)
-        mine = rows[self.rank :: self.world_size]
-        if len(mine) < self.batch_size:
-            raise ValueError(
-                f"an epoch packs into {len(rows)} rows, fewer than {self.batch_size} per rank x {self.world_size} "
-                "ranks; add data (data.num_samples) or lower train.micro_batch_size"
-            )
-        return mine
+        if not rows:
+            raise ValueError(f"no document fits in train.seq_len={self.seq_len} tokens; raise it or add shorter text")
+        return rows
+
+    def _row(self, g: int) -> PackedRow:
+        """Row g of the endless sequence (rows are asked for in increasing order, so the
+        current epoch is kept and later ones packed as they are reached)."""
+        if g < self._epoch_start:
+            self._epoch, self._epoch_start, self._rows = 0, 0, self._epoch_rows(0)
+        while g >= self._epoch_start + len(self._rows):
+            self._epoch, self._epoch_start = self._epoch + 1, self._epoch_start + len(self._rows)
+            self._rows = self._epoch_rows(self._epoch)
+        return self._rows[g - self._epoch_start]
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         return self
 
     def __next__(self) -> dict[str, torch.Tensor]:
-        if self.next_row + self.batch_size > len(self._rows):
-            self.epoch, self.next_row = self.epoch + 1, 0
-            self._rows = self._epoch_rows(self.epoch)
-        batch = self._rows[self.next_row : self.next_row + self.batch_size]
-        self.next_row += self.batch_size
-        return collate_rows(batch, self.tokenizer.pad_id)
+        rows = [self._row(self.split.item(self.rank, self.world_size, self.taken + j)) for j in range(self.batch_size)]
+        self.taken += self.batch_size
+        return collate_rows(rows, self.tokenizer.pad_id)
 
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "next_row": self.next_row, "seed": self.seed}
+    def state_dict(self) -> dict:
+        return {"seed": self.seed, "split": self.split.to_state(), "world_size": self.world_size, "taken": self.taken}
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from this rank's own `state_dict()` (same number of ranks)."""
+        self._check_seed(state)
+        if state["world_size"] != self.world_size:
+            raise ValueError(f"loader state of a run with {state['world_size']} data-parallel ranks, this one has "
+                             f"{self.world_size}; load every rank's state with load_global_state")
+        self.split, self.taken = Split.from_state(state["split"]), state["taken"]
+
+    def load_global_state(self, states: list[dict]) -> None:
+        """Continue after the positions of every data-parallel rank of a run (dp-rank order),
+        saved with any number of ranks: each row not yet read is read once, by one rank."""
+        for state in states:
+            self._check_seed(state)
+        self.split, self.taken = continue_split(states), 0
+
+    def _check_seed(self, state: dict) -> None:
         if state["seed"] != self.seed:
             raise ValueError(f"loader state was saved with seed {state['seed']}, this loader uses {self.seed}")
-        self.epoch, self.next_row = state["epoch"], state["next_row"]
-        self._rows = self._epoch_rows(self.epoch)

@@ -30,6 +30,7 @@ from .checkpoint import CHECKPOINTS, commit_checkpoint, newest_complete_tag, unw
 from .nonfinite import NonFiniteGuard, NonFiniteTrainingError, weights_finite_on_every_rank
 from .replicas import check_replicas
 from .tracking import StepLog, plot_losses
+from .universal import UNIVERSAL_INFO, check_resizable, load_universal, own_step_counters, prepare_resize
 
 logger = logging.getLogger(__name__)
 
@@ -85,12 +86,12 @@ class RunResult:
 class TrainingJob:
     """What the loop drives: a DeepSpeed engine, a stateful loader and one optimizer step.
 
-    A trainer with more than one engine (the tokenizer's discriminator) saves and loads the
-    others through `save_extra` / `load_extra`, which get the checkpoint's tag directory.
+    A trainer with more than one engine (the tokenizer's discriminator) names the others in
+    `extra_engines`: each is saved into, and loaded from, a folder of that name inside the tag.
     """
 
     engine: Any
-    loader: Any  # iterator with state_dict() / load_state_dict()
+    loader: Any  # iterator with state_dict() / load_global_state(every dp rank's state_dict())
     step: Callable[[list[dict]], StepResult]
     settings: LoopSettings
     name: str
@@ -100,8 +101,7 @@ class TrainingJob:
     dp_rank: int = 0  # which data-parallel replica this rank's loader reads for
     dp_size: int = 1
     dp_group: Any = None  # this rank's data-parallel process group (None: the world)
-    save_extra: Optional[Callable[[str], None]] = None  # before the engine's own save (which moves `latest`)
-    load_extra: Optional[Callable[[str], None]] = None  # after the engine's own load
+    extra_engines: dict[str, Any] = field(default_factory=dict)  # folder name in the tag -> DeepSpeed engine
     after_step: Optional[Callable[[dict], None]] = None  # every rank, after a step's record is written
 
 
@@ -122,20 +122,9 @@ def gather_loader_states(loader, dp_rank: int, dp_size: int) -> list[dict]:
     return states
 
 
-def own_loader_state(saved, dp_rank: int, dp_size: int) -> dict:
-    """This rank's position from a checkpoint's `gather_loader_states` list.
-
-    Raises:
-        ValueError: the checkpoint was written by another number of data-parallel ranks.
-    """
-    if isinstance(saved, dict):  # checkpoints from before per-rank positions: one rank's state
-        saved = [saved]
-    if len(saved) != dp_size:
-        raise ValueError(
-            f"the checkpoint holds the loader positions of {len(saved)} data-parallel ranks, this run has "
-            f"{dp_size}; resume with the same data-parallel size (the split of samples depends on it)"
-        )
-    return saved[dp_rank]
+def saved_loader_states(saved) -> list[dict]:
+    """A checkpoint's `gather_loader_states` list (older checkpoints hold one rank's state)."""
+    return [saved] if isinstance(saved, dict) else list(saved)
 
 
 def step_tag(step: int) -> str:
@@ -230,7 +219,7 @@ def _continue_from_init(path: str, job: TrainingJob) -> int:
     state = open_init_checkpoint(path).trainer_state
     if not state:
         return 0
-    job.loader.load_state_dict(own_loader_state(state["loader"], job.dp_rank, job.dp_size))
+    job.loader.load_global_state(saved_loader_states(state["loader"]))
     for _ in range(state["step"]):
         job.engine.lr_scheduler.step()
     logger.info("continuing from init checkpoint %s at step %d", path, state["step"])
@@ -253,6 +242,29 @@ def write_rank_stats(run_dir: str, rank: int) -> None:
         json.dump(stats, f)
 
 
+def _resume(cfg: Config, job: TrainingJob, checkpoint_root: str, tag: str, is_writer: bool) -> int:
+    """Load checkpoint `tag` into the job's engines and loader; returns its step. A checkpoint
+    written by another number of data-parallel ranks is loaded through its universal form
+    (universal.py) and the loader positions of all its ranks are split over this run's ranks."""
+    check_resizable(os.path.join(checkpoint_root, tag), job.dp_size, cfg.parallel.tp, cfg.parallel.pp)
+    universal = prepare_resize(checkpoint_root, tag, job.dp_size, is_writer, _barrier)
+    if universal is None:
+        _, client_state = job.engine.load_checkpoint(checkpoint_root, tag=tag)
+        for name, extra in job.extra_engines.items():
+            extra.load_checkpoint(os.path.join(checkpoint_root, tag), tag=name)
+    else:
+        client_state = load_universal(job.engine, os.path.dirname(universal), tag)
+        for name, extra in job.extra_engines.items():
+            load_universal(extra, universal, name)
+    for engine in (job.engine, *job.extra_engines.values()):
+        own_step_counters(engine)
+    saved = saved_loader_states(client_state["loader"])
+    job.loader.load_global_state(saved)
+    size = f" (saved by {len(saved)} data-parallel ranks, now {job.dp_size})" if len(saved) != job.dp_size else ""
+    logger.info("resumed from %s at step %d%s", os.path.join(checkpoint_root, tag), client_state["step"], size)
+    return int(client_state["step"])
+
+
 def run_loop(cfg: Config, job: TrainingJob, info: ProcessInfo, resume: bool, show_progress: bool) -> RunResult:
     """Train `job.settings.steps` optimizer steps (fewer if resuming), as the module doc says."""
     engine, loader, settings = job.engine, job.loader, job.settings
@@ -263,12 +275,7 @@ def run_loop(cfg: Config, job: TrainingJob, info: ProcessInfo, resume: bool, sho
     start_step = 0
     resume_tag = newest_complete_tag(checkpoint_root) if resume else None
     if resume_tag is not None:
-        _, client_state = engine.load_checkpoint(checkpoint_root, tag=resume_tag)
-        start_step = client_state["step"]
-        if job.load_extra is not None:
-            job.load_extra(os.path.join(checkpoint_root, resume_tag))
-        loader.load_state_dict(own_loader_state(client_state["loader"], job.dp_rank, job.dp_size))
-        logger.info("resumed from %s at step %d", checkpoint_root, start_step)
+        start_step = _resume(cfg, job, checkpoint_root, resume_tag, is_writer)
     elif settings.init_from:
         start_step = _continue_from_init(settings.init_from, job)
 
@@ -281,11 +288,12 @@ def run_loop(cfg: Config, job: TrainingJob, info: ProcessInfo, resume: bool, sho
             raise _stop_non_finite(f"the weights hold inf or nan at step {step}: no checkpoint is written", run_dir)
         loaders = gather_loader_states(loader, job.dp_rank, job.dp_size)
         tag = step_tag(step)
-        if job.save_extra is not None:
-            job.save_extra(os.path.join(checkpoint_root, tag))
         try:
-            engine.save_checkpoint(checkpoint_root, tag=tag, client_state={"loader": loaders, "step": step},
-                                   save_latest=False)
+            for name, extra in job.extra_engines.items():
+                extra.save_checkpoint(os.path.join(checkpoint_root, tag), tag=name, client_state=UNIVERSAL_INFO,
+                                      save_latest=False)
+            engine.save_checkpoint(checkpoint_root, tag=tag, client_state={"loader": loaders, "step": step,
+                                                                           **UNIVERSAL_INFO}, save_latest=False)
         except (OSError, RuntimeError) as e:  # torch.save reports a full disk as "[enforce fail at ...]"
             if is_peer_lost(e):
                 raise

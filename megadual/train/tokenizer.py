@@ -254,8 +254,7 @@ def train_tokenizer(cfg: Config, resume: bool = False, show_progress: bool = Tru
         dp_rank=rank,
         dp_size=dp,
         # Saved into the generator's tag directory before the tag is committed (complete.json lists its files).
-        save_extra=lambda tag_dir: disc_engine.save_checkpoint(tag_dir, tag=DISCRIMINATOR_TAG, save_latest=False),
-        load_extra=lambda tag_dir: disc_engine.load_checkpoint(tag_dir, tag=DISCRIMINATOR_TAG),
+        extra_engines={DISCRIMINATOR_TAG: disc_engine},
         after_step=pictures,
     )
     disc_engine.train()

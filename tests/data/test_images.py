@@ -94,7 +94,7 @@ def test_ranks_are_disjoint_and_resume_is_exact():
     expected = [next(whole)["keys"] for _ in range(4)]
     resumed = ImageBatchLoader(ds, batch_size=2, rank=0, world_size=2, seed=5, num_workers=1)
     resumed.load_state_dict(state)
-    assert state["epoch"] == 1 and [next(resumed)["keys"] for _ in range(4)] == expected
+    assert state["taken"] * 2 > 20 and [next(resumed)["keys"] for _ in range(4)] == expected  # in epoch 2
 
 
 def _tarfile_members(path):

@@ -49,6 +49,11 @@ def test_loader_resume_and_rank_split():
     assert len(rows) == len(set(rows))  # no row shared by the two ranks in an epoch
 
 
-def test_loader_rejects_too_little_data():
-    with pytest.raises(ValueError, match="micro_batch_size"):
-        PackedTextLoader(["a b"], seq_len=64, batch_size=4)
+def test_loader_rejects_text_that_never_fits():
+    with pytest.raises(ValueError, match="no document fits in train.seq_len=8"):
+        PackedTextLoader(["a sentence longer than eight bytes"], seq_len=8, batch_size=4)
+
+
+def test_a_small_epoch_runs_on_into_the_next():
+    loader = PackedTextLoader(["a b"], seq_len=64, batch_size=4)  # one row per epoch
+    assert next(loader)["input_ids"].shape == (4, 64)
