@@ -253,9 +253,10 @@ def _resume(cfg: Config, job: TrainingJob, checkpoint_root: str, tag: str, is_wr
         for name, extra in job.extra_engines.items():
             extra.load_checkpoint(os.path.join(checkpoint_root, tag), tag=name)
     else:
-        client_state = load_universal(job.engine, os.path.dirname(universal), tag)
+        source = os.path.join(checkpoint_root, tag)
+        client_state = load_universal(job.engine, universal, source)
         for name, extra in job.extra_engines.items():
-            load_universal(extra, universal, name)
+            load_universal(extra, os.path.join(universal, name), os.path.join(source, name))
     for engine in (job.engine, *job.extra_engines.values()):
         own_step_counters(engine)
     saved = saved_loader_states(client_state["loader"])

@@ -15,6 +15,7 @@ codebooks) travel in the model-states file, which the conversion copies.
 
 from __future__ import annotations
 
+import fnmatch
 import glob
 import logging
 import os
@@ -68,9 +69,32 @@ def _deepspeed_checkpoints(tag_dir: str) -> list[str]:
                    for p in glob.glob(os.path.join(tag_dir, "**", _MODEL_STATES), recursive=True)})
 
 
-def _convert_one(source: str, target: str) -> None:
+def _stage_inputs(source: str, scratch: str) -> None:
+    """What DeepSpeed's converter reads, in `scratch`: links to `source`'s own files (it counts
+    model-state files recursively, so a nested checkpoint such as the tokenizer's discriminator
+    is converted on its own), except model states holding non-tensor entries (a quantizer's
+    generator state), which it cannot convert: those get a copy without them (the load reads
+    them from `source`, `load_universal`)."""
+    os.makedirs(scratch)
+    for name in os.listdir(source):
+        path = os.path.join(source, name)
+        if not os.path.isfile(path):
+            continue
+        if fnmatch.fnmatch(name, _MODEL_STATES):
+            states = torch.load(path, map_location="cpu", weights_only=False)
+            module = states.get("module") or {}
+            if any(not isinstance(v, torch.Tensor) for v in module.values()):
+                states["module"] = {k: v for k, v in module.items() if isinstance(v, torch.Tensor)}
+                torch.save(states, os.path.join(scratch, name))
+                continue
+        os.symlink(os.path.abspath(path), os.path.join(scratch, name))
+
+
+def _convert_one(source: str, target: str, scratch: str) -> None:
+    """Convert the DeepSpeed checkpoint in `source` into `target` (reading through `scratch`)."""
+    _stage_inputs(source, scratch)
     workers = str(max(1, min(8, (os.cpu_count() or 1) // 2)))
-    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", source,
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", scratch,
            "--output_folder", target, "--num_extract_workers", workers, "--num_merge_workers", workers]
     done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "DS_ACCELERATOR": "cpu"})
     if done.returncode != 0:
@@ -84,11 +108,14 @@ def convert_to_universal(checkpoint_root: str, tag: str) -> str:
     if os.path.isdir(target):
         return target
     source = os.path.join(checkpoint_root, tag)
-    staging = f"{target}.partial"
-    shutil.rmtree(staging, ignore_errors=True)
+    staging, scratch = f"{target}.partial", f"{target}.inputs"
+    for leftover in (staging, scratch):  # of a conversion that was killed
+        shutil.rmtree(leftover, ignore_errors=True)
     for rel in _deepspeed_checkpoints(source):
         logger.info("converting %s to a universal checkpoint", os.path.join(source, rel))
-        _convert_one(os.path.normpath(os.path.join(source, rel)), os.path.normpath(os.path.join(staging, rel)))
+        _convert_one(os.path.normpath(os.path.join(source, rel)), os.path.normpath(os.path.join(staging, rel)),
+                     os.path.normpath(os.path.join(scratch, rel)))
+    shutil.rmtree(scratch)
     os.rename(staging, target)
     fsync_directory(os.path.dirname(target))
     return target
@@ -107,8 +134,11 @@ def prepare_resize(checkpoint_root: str, tag: str, dp_size: int, is_writer: bool
     return universal_tag_dir(checkpoint_root, tag)
 
 
-def load_universal(engine, load_dir: str, tag: str) -> Optional[dict]:
-    """`engine.load_checkpoint(load_dir, tag)` of a universal checkpoint; returns the client state.
+def load_universal(engine, universal_dir: str, source_dir: str) -> Optional[dict]:
+    """Load the universal checkpoint `universal_dir` (converted from `source_dir`) into `engine`;
+    returns the client state. Parameters and optimizer states come from the universal form; the
+    module's other state (EMA codebook buffers, a quantizer's generator) from `source_dir`,
+    because DeepSpeed's universal load skips the model-states file that holds it.
 
     DeepSpeed reads `checkpoint.load_universal` only inside load_checkpoint, so it is switched
     on for this load and off after it (a later resume on the same size loads ordinary
@@ -119,11 +149,11 @@ def load_universal(engine, load_dir: str, tag: str) -> Optional[dict]:
     """
     engine._config.load_universal_checkpoint = True
     try:
-        _, client_state = engine.load_checkpoint(load_dir, tag=tag)
+        _, client_state = engine.load_checkpoint(os.path.dirname(universal_dir), tag=os.path.basename(universal_dir))
     finally:
         engine._config.load_universal_checkpoint = False
-    _load_buffers(engine.module, os.path.join(load_dir, tag))
-    saved = torch.load(os.path.join(load_dir, tag, "zero", "optimizer_state.pt"), map_location="cpu",
+    _load_module_extras(engine.module, source_dir)
+    saved = torch.load(os.path.join(universal_dir, "zero", "optimizer_state.pt"), map_location="cpu",
                        weights_only=False)["param_groups"]
     groups = engine.optimizer.param_groups
     assert len(saved) == len(groups), f"{len(saved)} saved param groups, the optimizer has {len(groups)}"
@@ -132,14 +162,14 @@ def load_universal(engine, load_dir: str, tag: str) -> Optional[dict]:
     return client_state
 
 
-def _load_buffers(module: torch.nn.Module, tag_dir: str) -> None:
-    """Copy the saved buffers (EMA codebooks and counts) into `module`: a universal load
-    restores parameters from zero/ only and skips the model-states file that holds them."""
-    files = sorted(glob.glob(os.path.join(tag_dir, _MODEL_STATES)))
-    saved = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
-    for name, buffer in module.named_buffers():
-        if name in saved:
-            buffer.data.copy_(saved[name])
+def _load_module_extras(module: torch.nn.Module, tag_dir: str) -> None:
+    """Load everything of the saved module state but its parameters (buffers, extra state)."""
+    path = sorted(glob.glob(os.path.join(tag_dir, _MODEL_STATES)))[0]
+    saved = torch.load(path, map_location="cpu", weights_only=False)["module"]
+    params = {name for name, _ in module.named_parameters(remove_duplicate=False)}  # tied ones too
+    unexpected = module.load_state_dict({k: v for k, v in saved.items() if k not in params}, strict=False).unexpected_keys
+    if unexpected:
+        raise ValueError(f"{path} holds module state this model does not have: {unexpected[:5]}")
 
 
 def own_step_counters(engine) -> None:
