@@ -506,6 +506,11 @@ class ImageBatchLoader:
         """Continue after the positions of every data-parallel rank of a run (dp-rank order),
         saved with any number of ranks: each sample not yet read is read once, by one rank.
         The run's corrupt count goes to rank 0 (the trainer logs the sum over ranks)."""
-        self.split, self.taken = continue_split(states), 0
+        if "split" in states[0]:
+            self.split = continue_split(states)
+        else:  # written before the shared split: (epoch, batch) of every rank, the epoch cut to whole global batches
+            epoch, position = max((s["epoch"], s["position"]) for s in states)
+            self.split = Split(epoch * len(self.dataset) + position * self.batch_size * len(states))
+        self.taken = 0
         self.num_corrupt = sum(s["num_corrupt"] for s in states) if self.rank == 0 else 0
         self._iter = None

@@ -203,6 +203,14 @@ class PackedTextLoader:
         saved with any number of ranks: each row not yet read is read once, by one rank."""
         for state in states:
             self._check_seed(state)
+        if "split" not in states[0]:  # written before the shared split: each rank's (epoch, next_row)
+            if len({(s["epoch"], s["next_row"]) for s in states}) != 1:
+                raise ValueError(f"the saved loader positions {states} are not one place in the data; resume on "
+                                 "the MegaDual version that wrote them")
+            epoch, next_row = states[0]["epoch"], states[0]["next_row"]
+            start = sum(len(self._epoch_rows(e)) for e in range(epoch)) + next_row * len(states)
+            self.split, self.taken = Split(start), 0
+            return
         self.split, self.taken = continue_split(states), 0
 
     def _check_seed(self, state: dict) -> None:

@@ -144,3 +144,17 @@ def test_a_stream_count_the_new_size_cannot_share_is_refused(token_dir):
     four = PackedMultimodalLoader(loader_config(token_dir, split="sample"), TOKENS, rank=0, world_size=4)
     with pytest.raises(ValueError, match="split into 2 loader streams, which 4 data-parallel ranks x 1 readers"):
         four.load_global_state(saved)
+
+
+def test_positions_written_before_the_shared_split_continue_where_they_stood():
+    # The old text loader: rank r of 2 took rows r, r + 2, ... of each epoch; 3 batches of 2 were read.
+    old = [{"epoch": 1, "next_row": 6, "seed": 5}] * 2
+    loader = _text_loader(0, 1)
+    loader.load_global_state(old)
+    first_epoch = len(loader._epoch_rows(0))
+    assert loader.split == Split(first_epoch + 12)
+    # The old image loader: epoch 2, 3 batches of 2 on each of 2 ranks.
+    ds = build_image_dataset(ImageDataConfig(source="synthetic", num_samples=14, seed=1), image_size=16)
+    images = ImageBatchLoader(ds, batch_size=2, rank=0, world_size=1, seed=5)
+    images.load_global_state([{"epoch": 2, "position": 3, "num_corrupt": 1}, {"epoch": 2, "position": 3, "num_corrupt": 0}])
+    assert images.split == Split(2 * 14 + 12) and images.num_corrupt == 1

@@ -67,6 +67,8 @@ def _run_then_resize(train, tmp_path, before, after, overrides):
 def _max_relative_difference(straight, resized, keys=("loss",)):
     want, got = _records(straight), _records(resized)
     assert [r["step"] for r in got] == list(range(1, STEPS + 1))
+    for w, g in zip(want, got):
+        print(f"step {w['step']}: uninterrupted {w['loss']:.7f}, resized {g['loss']:.7f}")
     return max(abs(g[k] - w[k]) / abs(w[k]) for g, w in zip(got[CUT:], want[CUT:]) for k in keys)
 
 
