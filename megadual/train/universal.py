@@ -9,8 +9,9 @@ engine loading with `checkpoint.load_universal` re-partitions them over its own 
 Here rank 0 converts a tag once, into <run>/checkpoints/universal/<tag>/ (each DeepSpeed
 checkpoint inside the tag too, e.g. the tokenizer's discriminator), written beside and renamed
 into place so a crash never leaves half a conversion; every rank then loads it. ZeRO-0 keeps
-whole optimizer states on every rank and loads on any size without a conversion. Buffers (EMA
-codebooks) travel in the model-states file, which the conversion copies.
+whole optimizer states on every rank and loads on any size without a conversion. The module's
+state other than its parameters (EMA codebooks and counts, the quantizers' restart generators)
+is read from the original tag, since DeepSpeed's universal load skips the file that holds it.
 """
 
 from __future__ import annotations
