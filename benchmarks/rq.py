@@ -7,6 +7,10 @@ Shapes: N rows, D dim, K codes, R depth.
     python benchmarks/rq.py --threads 1 --shapes small
     python benchmarks/rq.py --compare argmin --device cuda --shapes dualtoken-gpu
 
+--compare joint (in one process, on --device, --shapes tokenflow / tokenflow-gpu): TokenFlow's
+shared-index search, ops.rq_joint_encode, against its PyTorch reference and against the search
+as TokenFlow's code writes it (two full N x K distance matrices per depth, added, argmin).
+
 --compare argmin (in one process, on --device; times are medians after a warm-up, each run
 synchronised): the baseline is what a PyTorch-only RVQ does, per depth one full N x K distance
 GEMM (torch.addmm), argmin, gather and subtract, plus the reference's EMA update (index_add_);
@@ -45,6 +49,12 @@ SHAPES = {
     "dualtoken": dict(n=16384, d=32, k=16384, r=8),
     "small": dict(n=2048, d=64, k=1024, r=4),  # a quick smoke run
     "dualtoken-gpu": dict(n=729 * 64, d=32, k=16384, r=8),  # 64 images of 27 x 27 positions
+}
+# --compare joint: TokenFlow's code dims (semantic 32, pixel 8) under one index of K codes.
+JOINT_SHAPES = {
+    "tokenflow": dict(n=729 * 4, ds=32, dp=8, k=16384, r=8),  # 4 images: the reference takes seconds on 2 cores
+    "tokenflow-gpu": dict(n=729 * 64, ds=32, dp=8, k=16384, r=8),
+    "tokenflow-small": dict(n=512, ds=32, dp=8, k=1024, r=4),  # a quick smoke run
 }
 ARGMIN_TARGET = 5.0
 IMPLS = [
@@ -227,21 +237,104 @@ def print_argmin(result: dict) -> None:
     print(f"speed-up, encode + EMA: {result['speedup_train']:.2f}x (target on GPU: >= {ARGMIN_TARGET:.0f}x)")
 
 
+def two_matrix_joint_encode(x_sem, x_pix, cb_sem, cb_pix, depth: int, weight: float):
+    """The shared-index search as TokenFlow's code writes it: per depth a full N x K distance
+    matrix for each part, added with the pixel weight, then argmin."""
+    import torch
+
+    res_sem, res_pix = x_sem.clone(), x_pix.clone()
+    norms_sem, norms_pix = (cb_sem * cb_sem).sum(1), (cb_pix * cb_pix).sum(1)
+    codes = []
+    for _ in range(depth):
+        dist = torch.addmm(norms_sem, res_sem, cb_sem.t(), alpha=-2)
+        dist.add_(torch.addmm(norms_pix, res_pix, cb_pix.t(), alpha=-2), alpha=weight)
+        idx = dist.argmin(1)
+        res_sem -= cb_sem[idx]
+        res_pix -= cb_pix[idx]
+        codes.append(idx)
+    return torch.stack(codes, 1)
+
+
+def compare_joint(shape_name: str, device_name: str, warmup: int, repeats: int) -> dict:
+    """The joint search: extension vs its reference and vs two N x K matrices per depth."""
+    import torch
+
+    import megadual.ops as ops
+    from megadual.ops import reference
+
+    from _common import device_and_sync, median_seconds
+
+    device, sync = device_and_sync(device_name)
+    if not ops.extension_available():
+        raise SystemExit("megadual._C is not built: run `pip install --no-build-isolation -e .` first")
+    shape = JOINT_SHAPES[shape_name]
+    g = torch.Generator().manual_seed(0)
+    x_sem, x_pix = (torch.randn(shape["n"], shape[d], generator=g).to(device) for d in ("ds", "dp"))
+    cb_sem, cb_pix = (torch.randn(shape["k"], shape[d], generator=g).to(device) for d in ("ds", "dp"))
+    args = (x_sem, x_pix, cb_sem, cb_pix, shape["r"], 1.0)
+    cases = {
+        "reference": lambda: reference.rq_joint_encode(*args),
+        "two_matrices": lambda: two_matrix_joint_encode(*args),
+        "ext": lambda: ops.rq_joint_encode(*args),
+    }
+    rows = {name: {"time_s": median_seconds(run, warmup, repeats, sync)} for name, run in cases.items()}
+    codes = ops.rq_joint_encode(*args).codes
+    return {"shape": shape, "device": str(device), "rows": rows,
+            "speedup_vs_reference": rows["reference"]["time_s"] / rows["ext"]["time_s"],
+            "speedup_vs_two_matrices": rows["two_matrices"]["time_s"] / rows["ext"]["time_s"],
+            "codes_equal_reference": bool(torch.equal(codes, reference.rq_joint_encode(*args)[0])),
+            "codes_agree_two_matrices": float((codes == two_matrix_joint_encode(*args)).float().mean())}
+
+
+def print_joint(result: dict) -> None:
+    s = result["shape"]
+    print(f"# shared-index residual search (TokenFlow), fp32, {result['device']}: N {s['n']}, Ds {s['ds']}, "
+          f"Dp {s['dp']}, K {s['k']}, R {s['r']}")
+    print("| impl | time ms | vs reference | vs two N x K matrices |")
+    print("|---|---|---|---|")
+    ref_t, two_t = result["rows"]["reference"]["time_s"], result["rows"]["two_matrices"]["time_s"]
+    for key, label in (("reference", "reference (megadual.ops.reference)"), ("two_matrices", "two N x K matrices"),
+                       ("ext", "megadual ext")):
+        t = result["rows"][key]["time_s"]
+        print(f"| {label} | {t * 1e3:.1f} | {ref_t / t:.2f}x | {two_t / t:.2f}x |")
+    print(f"codes equal to the reference's: {result['codes_equal_reference']}; to the two-matrix search's: "
+          f"{100 * result['codes_agree_two_matrices']:.3f}% (its sums round differently at float ties)")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--compare", default="kernels", choices=["kernels", "argmin"],
-                   help="kernels: the CPU table (default); argmin: vs GEMM + argmin on --device")
+    p.add_argument("--compare", default="kernels", choices=["kernels", "argmin", "joint"],
+                   help="kernels: the CPU table (default); argmin: vs GEMM + argmin on --device; "
+                   "joint: the shared-index search vs its reference on --device")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="--compare argmin only")
-    p.add_argument("--json", metavar="PATH", help="--compare argmin: also write the results as JSON")
+    p.add_argument("--json", metavar="PATH", help="--compare argmin / joint: also write the results as JSON")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--shapes", nargs="+", default=["d256", "dualtoken"], choices=sorted(SHAPES))
+    p.add_argument("--shapes", nargs="+", default=None, choices=sorted({*SHAPES, *JOINT_SHAPES}),
+                   help="default: d256 dualtoken (tokenflow with --compare joint)")
     p.add_argument("--impls", nargs="+", default=[i[0] for i in IMPLS], choices=[i[0] for i in IMPLS])
     p.add_argument("--one", nargs=2, metavar=("IMPL", "SHAPE"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
     if args.one:
         print(json.dumps(_measure(args.one[0], args.one[1], args.threads, args.repeats)))
+        return 0
+    if args.shapes is None:
+        args.shapes = ["tokenflow"] if args.compare == "joint" else ["d256", "dualtoken"]
+    wrong = [name for name in args.shapes if (name in JOINT_SHAPES) != (args.compare == "joint")]
+    if wrong:
+        p.error(f"--shapes {' '.join(wrong)}: {'only' if args.compare == 'joint' else 'not'} with --compare joint "
+                f"(joint shapes: {', '.join(JOINT_SHAPES)})")
+    if args.compare == "joint":
+        import torch
+
+        torch.set_num_threads(args.threads)
+        from _common import write_json
+
+        results = {name: compare_joint(name, args.device, 1, args.repeats) for name in args.shapes}
+        for result in results.values():
+            print_joint(result)
+        write_json(args.json, results)
         return 0
     if args.compare == "argmin":
         import torch

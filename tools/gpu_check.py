@@ -82,6 +82,9 @@ BENCHES = [
     Bench("rq", "benchmarks/rq.py",
           ["--compare", "argmin", "--device", "cuda", "--shapes", "dualtoken-gpu", "--repeats", "5"],
           ["--compare", "argmin", "--shapes", "small", "--repeats", "2"], 90),
+    Bench("rq-joint", "benchmarks/rq.py",
+          ["--compare", "joint", "--device", "cuda", "--shapes", "tokenflow-gpu", "--repeats", "5"],
+          ["--compare", "joint", "--shapes", "tokenflow-small", "--repeats", "1"], 90),
     Bench("backbone-3b", "benchmarks/backbone.py",
           ["--preset", "qwen2.5-3b", "--device", "cuda", "--dtype", "bf16", "--seq", "4096", "--batch", "1",
            "--docs", "4", "--repeats", "5", "--warmup", "2"],
@@ -127,6 +130,7 @@ TARGETS = [
 
 # Further figures the summary quotes (no target).
 FIGURES = [
+    ("shared-index RQ search vs its reference (TokenFlow dims, 729 x 64 rows)", "rq-joint", ("*", "speedup_vs_reference")),
     ("backbone MFU, Qwen2.5-1.5B", "backbone-1.5b", ("rows", "megadual", "mfu")),
     ("backbone 3B step time vs transformers + SDPA", "backbone-3b", ("rows", "megadual", "time_vs_transformers")),
     ("backbone 3B peak GPU memory (bytes)", "backbone-3b", ("peak_memory_bytes",)),

@@ -18,6 +18,12 @@ namespace megadual {
 int64_t check_rq_encode_args(const at::Tensor& x, const at::Tensor& codebooks, int64_t depth,
                              std::optional<at::ScalarType> codes_dtype);
 
+// Checks every argument of rq_joint_encode (each part as rq_encode, plus the pairing: same rows,
+// same K, same dtype, both codebooks shared or both per depth) and returns C.
+int64_t check_rq_joint_encode_args(const at::Tensor& x_sem, const at::Tensor& x_pix, const at::Tensor& codebooks_sem,
+                                   const at::Tensor& codebooks_pix, int64_t depth, double pixel_weight,
+                                   std::optional<at::ScalarType> codes_dtype);
+
 // Checks x / codebooks / codes for rq_code_stats and ema_update_ and returns the depth R
 // (1 when codes is [N]). Validates that every code lies in [0, K) (one reduction over codes).
 int64_t check_code_stats_args(const char* op, const at::Tensor& x, const at::Tensor& codebooks,

@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <tuple>
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -239,58 +240,117 @@ void ema_apply_cpu_impl(float* cs, float* es, float* cb, const float* counts, co
   }
 }
 
+// The nearest-code search of one depth against one of C codebooks, set up once per call: the
+// fused kernel (rq_fused_cpu.cpp) over codebooks packed into register-tile panels where the CPU
+// has one and D is small enough, otherwise GEMM tiles of tk codes each folded by
+// argmin_merge_tile. The distance is norms[c, k] - 2 q.e_k: rq_encode passes ||e||^2, the joint
+// search ||e_sem||^2 + w ||e_pix||^2 over concatenated codes.
+class CodeSearch {
+ public:
+  // cbf: fp32 codebooks [C, K, D] (or [K, D] when C = 1); norms: [C, K] (or [K]). N rows will be
+  // searched; tile_n / tile_k of 0 pick the tuned defaults.
+  CodeSearch(const at::Tensor& cbf, const at::Tensor& norms, int64_t C, int64_t N, int64_t tile_n, int64_t tile_k)
+      : norms_(norms), C_(C), K_(cbf.size(-2)), D_(cbf.size(-1)), isa_(choose_search(D_)) {
+    const bool fused = isa_ != FusedIsa::kNone;
+    // Fused: tn rows per work item, tk codes per cache block. GEMM: tn x tk dot tiles.
+    // (The fused search has no per-call overhead to amortise: small batches still split into at
+    // least two work items per thread.)
+    const int64_t fused_tn = std::clamp<int64_t>(
+        (N + 2 * at::get_num_threads() - 1) / (2 * at::get_num_threads()), 16, kFusedTileN);
+    const bool small_d = D_ <= kSmallD;
+    const int64_t default_tn = fused ? fused_tn : (small_d ? kTileNSmallD : kTileN);
+    const int64_t default_tk = fused ? std::max<int64_t>(64, kFusedBlockFloats / D_) : (small_d ? kTileKSmallD : kTileK);
+    tn_ = std::min(N, tile_n > 0 ? tile_n : default_tn);
+    tk_ = std::min(K_, tile_k > 0 ? tile_k : default_tk);
+    if (fused) {
+      TORCH_CHECK(K_ <= std::numeric_limits<int32_t>::max() - 64, "rq_encode: K=", K_, " codes is too many");
+      const int64_t panel = fused_panel_codes(isa_);
+      packed_k_ = (K_ + panel - 1) / panel * panel;
+      const auto f32 = at::TensorOptions().dtype(at::kFloat);
+      packed_ = at::empty({C_, packed_k_ * D_}, f32);
+      packed_norms_ = at::empty({C_, packed_k_}, f32);
+      for (int64_t c = 0; c < C_; ++c) {
+        fused_pack_codebook(isa_, cbf.const_data_ptr<float>() + c * K_ * D_, norms.const_data_ptr<float>() + c * K_,
+                            K_, D_, packed_.mutable_data_ptr<float>() + c * packed_k_ * D_,
+                            packed_norms_.mutable_data_ptr<float>() + c * packed_k_);
+      }
+      return;
+    }
+    // Views built once: the transposed codebook tiles each GEMM multiplies against.
+    num_k_tiles_ = (K_ + tk_ - 1) / tk_;
+    for (int64_t c = 0; c < C_; ++c) {
+      const at::Tensor cb_c = C_ == 1 ? cbf : cbf.select(0, c);
+      for (int64_t t = 0; t < num_k_tiles_; ++t) {
+        cb_tiles_.push_back(cb_c.narrow(0, t * tk_, std::min(tk_, K_ - t * tk_)).t());
+      }
+    }
+  }
+
+  int64_t rows_per_block() const { return tn_; }
+
+  // A work item's scratch for the GEMM path's dot tiles (empty for the fused search).
+  at::Tensor make_scratch() const {
+    return at::empty({isa_ != FusedIsa::kNone ? 0 : tn_ * tk_}, at::TensorOptions().dtype(at::kFloat));
+  }
+
+  // best_idx[i] = the nearest code of codebook c to row i of q (fp32 [rows, D], contiguous; a
+  // view of `q_t`, which the GEMM path multiplies), ties to the lowest index.
+  void nearest(int64_t c, const at::Tensor& q_t, int64_t rows, at::Tensor& scratch, float* best_val,
+               int64_t* best_idx) const {
+    if (isa_ != FusedIsa::kNone) {
+      fused_nearest_codes(isa_, q_t.const_data_ptr<float>(), rows, D_,
+                          packed_.const_data_ptr<float>() + c * packed_k_ * D_,
+                          packed_norms_.const_data_ptr<float>() + c * packed_k_, K_, tk_, best_idx);
+      return;
+    }
+    std::fill(best_val, best_val + rows, std::numeric_limits<float>::infinity());
+    std::fill(best_idx, best_idx + rows, 0);
+    const float* normp = norms_.const_data_ptr<float>() + c * K_;
+    for (int64_t t = 0; t < num_k_tiles_; ++t) {
+      const int64_t k0 = t * tk_, kk = std::min(tk_, K_ - k0);
+      at::Tensor out = scratch.narrow(0, 0, rows * kk).view({rows, kk});
+      at::mm_out(out, q_t, cb_tiles_[c * num_k_tiles_ + t]);
+      argmin_merge_tile(scratch.const_data_ptr<float>(), normp + k0, rows, kk, k0, best_val, best_idx);
+    }
+  }
+
+ private:
+  at::Tensor norms_;
+  int64_t C_, K_, D_;
+  FusedIsa isa_;
+  int64_t tn_ = 0, tk_ = 0;
+  int64_t packed_k_ = 0, num_k_tiles_ = 0;
+  at::Tensor packed_, packed_norms_;
+  std::vector<at::Tensor> cb_tiles_;  // [C * num_k_tiles], each [D, kk]
+};
+
 // The greedy search over blocks of rows; see rq_encode_cpu. A function rather than the body of
 // the dispatch lambda because pragmas cannot appear inside a macro argument.
-// With isa != kNone the search of each depth is the fused kernel over the packed codebooks
-// (packed / packed_norms: C consecutive fused_pack_codebook outputs; tk = codes per cache
-// block); otherwise GEMM tiles of tk codes (cb_tiles) each followed by argmin_merge_tile.
 template <typename scalar_t>
-void rq_encode_cpu_blocks(const at::Tensor& x, const at::Tensor& cbf, const at::Tensor& norms,
-                          const std::vector<at::Tensor>& cb_tiles, FusedIsa isa, const float* packed,
-                          const float* packed_norms, int64_t C, int64_t depth, int64_t tn, int64_t tk,
-                          int64_t* codesp, at::Tensor& quantized, bool return_cumulative,
+void rq_encode_cpu_blocks(const at::Tensor& x, const at::Tensor& cbf, const CodeSearch& search, int64_t C,
+                          int64_t depth, int64_t* codesp, at::Tensor& quantized, bool return_cumulative,
                           at::Tensor& cumulative) {
-  const int64_t N = x.size(0), D = x.size(1), K = cbf.size(-2);
-  const bool fused = isa != FusedIsa::kNone;
-  const int64_t num_k_tiles = (K + tk - 1) / tk;
+  const int64_t N = x.size(0), D = x.size(1), K = cbf.size(-2), tn = search.rows_per_block();
   const int64_t num_blocks = (N + tn - 1) / tn;
-  const int64_t panel = fused ? fused_panel_codes(isa) : 1;
-  const int64_t packed_k = (K + panel - 1) / panel * panel;
   const float* cbp = cbf.const_data_ptr<float>();
-  const float* normp = norms.const_data_ptr<float>();
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
   scalar_t* qp = quantized.mutable_data_ptr<scalar_t>();
   scalar_t* cump = return_cumulative ? cumulative.mutable_data_ptr<scalar_t>() : nullptr;
   // Rows are independent across all depths, so a thread keeps its block's residual in
   // cache through the whole greedy search.
   at::parallel_for(0, num_blocks, 1, [&](int64_t b0, int64_t b1) {
-    const auto f32 = at::TensorOptions().dtype(at::kFloat);
-    at::Tensor res_t = at::empty({tn, D}, f32);
-    at::Tensor dots_t = at::empty({fused ? 0 : tn * tk}, f32);
+    at::Tensor res_t = at::empty({tn, D}, at::TensorOptions().dtype(at::kFloat));
+    at::Tensor scratch = search.make_scratch();
     std::vector<float> q(tn * D), best_val(tn);
     std::vector<int64_t> best_idx(tn);
     float* res = res_t.mutable_data_ptr<float>();
-    const float* dots = dots_t.const_data_ptr<float>();
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t n0 = b * tn, rows = std::min(tn, N - n0);
-      const at::Tensor res_rows = res_t.narrow(0, 0, rows);
       for (int64_t i = 0; i < rows * D; ++i) res[i] = static_cast<float>(xp[n0 * D + i]);
       std::fill(q.begin(), q.begin() + rows * D, 0.0f);
       for (int64_t r = 0; r < depth; ++r) {
         const int64_t c = C == 1 ? 0 : r;
-        if (fused) {
-          fused_nearest_codes(isa, res, rows, D, packed + c * packed_k * D, packed_norms + c * packed_k, K, tk,
-                              best_idx.data());
-        } else {
-          std::fill(best_val.begin(), best_val.end(), std::numeric_limits<float>::infinity());
-          std::fill(best_idx.begin(), best_idx.end(), 0);
-          for (int64_t t = 0; t < num_k_tiles; ++t) {
-            const int64_t k0 = t * tk, kk = std::min(tk, K - k0);
-            at::Tensor out = dots_t.narrow(0, 0, rows * kk).view({rows, kk});
-            at::mm_out(out, res_rows, cb_tiles[c * num_k_tiles + t]);
-            argmin_merge_tile(dots, normp + c * K + k0, rows, kk, k0, best_val.data(), best_idx.data());
-          }
-        }
+        search.nearest(c, res_t.narrow(0, 0, rows), rows, scratch, best_val.data(), best_idx.data());
         for (int64_t i = 0; i < rows; ++i) {
           const int64_t code = best_idx[i];
           codesp[(n0 + i) * depth + r] = code;
@@ -309,6 +369,72 @@ void rq_encode_cpu_blocks(const at::Tensor& x, const at::Tensor& cbf, const at::
         }
       }
       for (int64_t i = 0; i < rows * D; ++i) qp[n0 * D + i] = static_cast<scalar_t>(q[i]);
+    }
+  });
+}
+
+// One part (semantic or pixel) of the joint search's bookkeeping for a block of rows: its
+// residual, running quantized sum, codebooks and outputs.
+template <typename scalar_t>
+struct JointPart {
+  const scalar_t* x;      // [N, Dp] input
+  const float* cb;        // [C, K, Dp] fp32 codebooks
+  int64_t D;              // this part's dim
+  scalar_t* quantized;    // [N, Dp] output
+  scalar_t* cumulative;   // [R, N, Dp] output, or nullptr
+};
+
+// The joint greedy search over blocks of rows; see rq_joint_encode_cpu. Each depth searches
+// the rows [r_sem, w r_pix] against the concatenated codes, then subtracts each part's code
+// from its own residual (kept unweighted, so w never compounds over depths).
+template <typename scalar_t>
+void rq_joint_encode_cpu_blocks(const JointPart<scalar_t>& sem, const JointPart<scalar_t>& pix, float weight,
+                                const CodeSearch& search, int64_t N, int64_t K, int64_t C, int64_t depth,
+                                int64_t* codesp) {
+  const int64_t tn = search.rows_per_block(), Dq = sem.D + pix.D;
+  const int64_t num_blocks = (N + tn - 1) / tn;
+  at::parallel_for(0, num_blocks, 1, [&](int64_t b0, int64_t b1) {
+    at::Tensor q_t = at::empty({tn, Dq}, at::TensorOptions().dtype(at::kFloat));
+    at::Tensor scratch = search.make_scratch();
+    std::vector<float> res_sem(tn * sem.D), res_pix(tn * pix.D), q_sem(tn * sem.D), q_pix(tn * pix.D), best_val(tn);
+    std::vector<int64_t> best_idx(tn);
+    float* qrows = q_t.mutable_data_ptr<float>();
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t n0 = b * tn, rows = std::min(tn, N - n0);
+      for (int64_t i = 0; i < rows * sem.D; ++i) res_sem[i] = static_cast<float>(sem.x[n0 * sem.D + i]);
+      for (int64_t i = 0; i < rows * pix.D; ++i) res_pix[i] = static_cast<float>(pix.x[n0 * pix.D + i]);
+      std::fill(q_sem.begin(), q_sem.end(), 0.0f);
+      std::fill(q_pix.begin(), q_pix.end(), 0.0f);
+      for (int64_t r = 0; r < depth; ++r) {
+        const int64_t c = C == 1 ? 0 : r;
+        for (int64_t i = 0; i < rows; ++i) {
+          float* row = qrows + i * Dq;
+          std::memcpy(row, res_sem.data() + i * sem.D, sizeof(float) * sem.D);
+          for (int64_t d = 0; d < pix.D; ++d) row[sem.D + d] = weight * res_pix[i * pix.D + d];
+        }
+        search.nearest(c, q_t.narrow(0, 0, rows), rows, scratch, best_val.data(), best_idx.data());
+        for (int64_t i = 0; i < rows; ++i) {
+          const int64_t code = best_idx[i];
+          codesp[(n0 + i) * depth + r] = code;
+          for (auto [part, res, q] : {std::tuple{&sem, res_sem.data(), q_sem.data()},
+                                      std::tuple{&pix, res_pix.data(), q_pix.data()}}) {
+            const int64_t D = part->D;
+            const float* e = part->cb + (c * K + code) * D;
+            float* resi = res + i * D;
+            float* qi = q + i * D;
+            for (int64_t d = 0; d < D; ++d) {
+              resi[d] -= e[d];
+              qi[d] += e[d];
+            }
+            if (part->cumulative != nullptr) {
+              scalar_t* out_row = part->cumulative + (r * N + n0 + i) * D;
+              for (int64_t d = 0; d < D; ++d) out_row[d] = static_cast<scalar_t>(qi[d]);
+            }
+          }
+        }
+      }
+      for (int64_t i = 0; i < rows * sem.D; ++i) sem.quantized[n0 * sem.D + i] = static_cast<scalar_t>(q_sem[i]);
+      for (int64_t i = 0; i < rows * pix.D; ++i) pix.quantized[n0 * pix.D + i] = static_cast<scalar_t>(q_pix[i]);
     }
   });
 }
@@ -357,6 +483,26 @@ int64_t check_rq_encode_args(const at::Tensor& x, const at::Tensor& codebooks, i
                       "rq_encode: codes_dtype must be torch.int64 or torch.int32, got ", *codes_dtype);
   }
   return codebooks.dim() == 2 ? 1 : depth;
+}
+
+int64_t check_rq_joint_encode_args(const at::Tensor& x_sem, const at::Tensor& x_pix, const at::Tensor& codebooks_sem,
+                                   const at::Tensor& codebooks_pix, int64_t depth, double pixel_weight,
+                                   std::optional<at::ScalarType> codes_dtype) {
+  const int64_t C = check_rq_encode_args(x_sem, codebooks_sem, depth, codes_dtype);
+  TORCH_CHECK_VALUE(check_rq_encode_args(x_pix, codebooks_pix, depth, codes_dtype) == C,
+                    "rq_joint_encode: the semantic codebook ", shape_str(codebooks_sem), " and the pixel codebook ",
+                    shape_str(codebooks_pix), " must both be shared by all depths or both be per depth");
+  TORCH_CHECK_VALUE(x_sem.size(0) == x_pix.size(0), "rq_joint_encode: x_sem has ", x_sem.size(0),
+                    " rows but x_pix has ", x_pix.size(0), "; pass the two features of the same positions");
+  TORCH_CHECK_VALUE(codebooks_sem.size(-2) == codebooks_pix.size(-2), "rq_joint_encode: the semantic codebook has K=",
+                    codebooks_sem.size(-2), " codes and the pixel codebook K=", codebooks_pix.size(-2),
+                    "; a shared index needs the same K");
+  TORCH_CHECK_VALUE(x_sem.device() == x_pix.device(), "rq_joint_encode: x_sem is on ", x_sem.device(),
+                    " but x_pix on ", x_pix.device());
+  TORCH_CHECK_VALUE(x_sem.scalar_type() == x_pix.scalar_type(), "rq_joint_encode: x_sem is ", x_sem.scalar_type(),
+                    " but x_pix is ", x_pix.scalar_type(), "; cast both to one dtype");
+  TORCH_CHECK_VALUE(pixel_weight >= 0.0, "rq_joint_encode: pixel_weight must be >= 0, got ", pixel_weight);
+  return C;
 }
 
 int64_t check_code_stats_args(const char* op, const at::Tensor& x, const at::Tensor& codebooks,
@@ -420,60 +566,53 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rq_encode_cpu(const at::Tensor& x
                                                              std::optional<at::ScalarType> codes_dtype, int64_t tile_n,
                                                              int64_t tile_k) {
   const int64_t C = check_rq_encode_args(x, codebooks, depth, codes_dtype);
-  const int64_t N = x.size(0), D = x.size(1), K = codebooks.size(-2);
+  const int64_t N = x.size(0), D = x.size(1);
   const at::Tensor cbf = codebooks.to(at::kFloat).contiguous();
   // Same expression as the reference so the precomputed norms match it bit for bit.
   const at::Tensor norms = (cbf * cbf).sum(-1).contiguous();
-  const FusedIsa isa = choose_search(D);
-  const bool fused = isa != FusedIsa::kNone;
-  const bool small_d = D <= kSmallD;
-  // Fused: tn rows per work item, tk codes per cache block. GEMM: tn x tk dot tiles.
-  // (The fused search has no per-call overhead to amortise: small batches still split into at
-  // least two work items per thread.)
-  const int64_t fused_tn = std::clamp<int64_t>((N + 2 * at::get_num_threads() - 1) / (2 * at::get_num_threads()), 16,
-                                               kFusedTileN);
-  const int64_t default_tn = fused ? fused_tn : (small_d ? kTileNSmallD : kTileN);
-  const int64_t default_tk = fused ? std::max<int64_t>(64, kFusedBlockFloats / D) : (small_d ? kTileKSmallD : kTileK);
-  const int64_t tn = std::min(N, tile_n > 0 ? tile_n : default_tn);
-  const int64_t tk = std::min(K, tile_k > 0 ? tile_k : default_tk);
+  const CodeSearch search(cbf, norms, C, N, tile_n, tile_k);
 
   at::Tensor codes = at::empty({N, depth}, x.options().dtype(at::kLong));
   at::Tensor quantized = at::empty_like(x);
   at::Tensor cumulative = return_cumulative ? at::empty({depth, N, D}, x.options()) : at::empty({0}, x.options());
-
-  // Views built once: the transposed codebook tiles each GEMM multiplies against.
-  std::vector<at::Tensor> cb_tiles;  // [C * num_k_tiles], each [D, kk]
-  const int64_t num_k_tiles = (K + tk - 1) / tk;
-  // Or, for the fused search, the codebooks packed into register-tile panels (O(K * D)).
-  at::Tensor packed, packed_norms;
-  if (fused) {
-    TORCH_CHECK(K <= std::numeric_limits<int32_t>::max() - 64, "rq_encode: K=", K, " codes is too many");
-    const int64_t panel = fused_panel_codes(isa), packed_k = (K + panel - 1) / panel * panel;
-    const auto f32 = at::TensorOptions().dtype(at::kFloat);
-    packed = at::empty({C, packed_k * D}, f32);
-    packed_norms = at::empty({C, packed_k}, f32);
-    const float* cbp = cbf.const_data_ptr<float>();
-    const float* normp = norms.const_data_ptr<float>();
-    for (int64_t c = 0; c < C; ++c) {
-      fused_pack_codebook(isa, cbp + c * K * D, normp + c * K, K, D, packed.mutable_data_ptr<float>() + c * packed_k * D,
-                          packed_norms.mutable_data_ptr<float>() + c * packed_k);
-    }
-  }
-  for (int64_t c = 0; c < C && !fused; ++c) {
-    const at::Tensor cb_c = C == 1 ? cbf : cbf.select(0, c);
-    for (int64_t t = 0; t < num_k_tiles; ++t) {
-      cb_tiles.push_back(cb_c.narrow(0, t * tk, std::min(tk, K - t * tk)).t());
-    }
-  }
   int64_t* codesp = codes.mutable_data_ptr<int64_t>();
-
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "rq_encode_cpu", [&] {
-    rq_encode_cpu_blocks<scalar_t>(x, cbf, norms, cb_tiles, isa, fused ? packed.const_data_ptr<float>() : nullptr,
-                                   fused ? packed_norms.const_data_ptr<float>() : nullptr, C, depth, tn, tk, codesp,
-                                   quantized, return_cumulative, cumulative);
+    rq_encode_cpu_blocks<scalar_t>(x, cbf, search, C, depth, codesp, quantized, return_cumulative, cumulative);
   });
   if (codes_dtype.has_value() && *codes_dtype == at::kInt) codes = codes.to(at::kInt);
   return {codes, quantized, cumulative};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rq_joint_encode_cpu(
+    const at::Tensor& x_sem, const at::Tensor& x_pix, const at::Tensor& codebooks_sem,
+    const at::Tensor& codebooks_pix, int64_t depth, double pixel_weight, bool return_cumulative,
+    std::optional<at::ScalarType> codes_dtype) {
+  const int64_t C = check_rq_joint_encode_args(x_sem, x_pix, codebooks_sem, codebooks_pix, depth, pixel_weight,
+                                               codes_dtype);
+  const int64_t N = x_sem.size(0), K = codebooks_sem.size(-2);
+  const at::Tensor cb_sem = codebooks_sem.to(at::kFloat).contiguous(), cb_pix = codebooks_pix.to(at::kFloat).contiguous();
+  // The reference's expressions, so codes agree bit for bit (megadual/ops/reference.py).
+  const at::Tensor joint = at::cat({cb_sem, cb_pix}, -1).contiguous();
+  const at::Tensor norms = ((cb_sem * cb_sem).sum(-1) + pixel_weight * (cb_pix * cb_pix).sum(-1)).contiguous();
+  const CodeSearch search(joint, norms, C, N, 0, 0);
+
+  const auto opts = x_sem.options();
+  at::Tensor codes = at::empty({N, depth}, opts.dtype(at::kLong));
+  at::Tensor q_sem = at::empty_like(x_sem), q_pix = at::empty_like(x_pix);
+  at::Tensor cum_sem = return_cumulative ? at::empty({depth, N, x_sem.size(1)}, opts) : at::empty({0}, opts);
+  at::Tensor cum_pix = return_cumulative ? at::empty({depth, N, x_pix.size(1)}, opts) : at::empty({0}, opts);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x_sem.scalar_type(), "rq_joint_encode_cpu", [&] {
+    const JointPart<scalar_t> sem{x_sem.const_data_ptr<scalar_t>(), cb_sem.const_data_ptr<float>(), x_sem.size(1),
+                                  q_sem.mutable_data_ptr<scalar_t>(),
+                                  return_cumulative ? cum_sem.mutable_data_ptr<scalar_t>() : nullptr};
+    const JointPart<scalar_t> pix{x_pix.const_data_ptr<scalar_t>(), cb_pix.const_data_ptr<float>(), x_pix.size(1),
+                                  q_pix.mutable_data_ptr<scalar_t>(),
+                                  return_cumulative ? cum_pix.mutable_data_ptr<scalar_t>() : nullptr};
+    rq_joint_encode_cpu_blocks<scalar_t>(sem, pix, static_cast<float>(pixel_weight), search, N, K, C, depth,
+                                         codes.mutable_data_ptr<int64_t>());
+  });
+  if (codes_dtype.has_value() && *codes_dtype == at::kInt) codes = codes.to(at::kInt);
+  return {codes, q_sem, q_pix, cum_sem, cum_pix};
 }
 
 std::tuple<at::Tensor, at::Tensor> rq_code_stats_cpu(const at::Tensor& x, const at::Tensor& codebooks,
@@ -595,6 +734,10 @@ TORCH_LIBRARY(megadual, m) {
   m.def(
       "rq_encode(Tensor x, Tensor codebooks, int depth, bool return_cumulative=False, "
       "ScalarType? codes_dtype=None, int tile_n=0, int tile_k=0) -> (Tensor codes, Tensor quantized, Tensor cumulative)");
+  m.def(
+      "rq_joint_encode(Tensor x_sem, Tensor x_pix, Tensor codebooks_sem, Tensor codebooks_pix, int depth, "
+      "float pixel_weight=1.0, bool return_cumulative=False, ScalarType? codes_dtype=None) -> (Tensor codes, "
+      "Tensor quantized_sem, Tensor quantized_pix, Tensor cumulative_sem, Tensor cumulative_pix)");
   m.def("rq_code_stats(Tensor x, Tensor codebooks, Tensor codes) -> (Tensor counts, Tensor sums)");
   m.def(
       "ema_apply_(Tensor(a!) cluster_size, Tensor(b!) embed_sum, Tensor(c!) codebook, Tensor counts, Tensor sums, "
@@ -609,13 +752,14 @@ TORCH_LIBRARY(megadual, m) {
 
 TORCH_LIBRARY_IMPL(megadual, CPU, m) {
   m.impl("rq_encode", &megadual::rq_encode_cpu);
+  m.impl("rq_joint_encode", &megadual::rq_joint_encode_cpu);
   m.impl("rq_code_stats", &megadual::rq_code_stats_cpu);
   m.impl("ema_apply_", &megadual::ema_apply_cpu);
   m.impl("ema_update_", &megadual::ema_update_cpu);
   m.impl("dead_code_restart_", &megadual::dead_code_restart_composite);
 }
 
-// rq_encode and rq_code_stats have CUDA kernels in cuda/rq_cuda.cu (built only with CUDA).
+// rq_encode, rq_joint_encode and rq_code_stats have CUDA kernels in cuda/rq_cuda.cu (built only with CUDA).
 TORCH_LIBRARY_IMPL(megadual, CUDA, m) {
   m.impl("ema_apply_", &megadual::ema_apply_composite);
   m.impl("ema_update_", &megadual::ema_update_composite);

@@ -25,6 +25,7 @@ from megadual.ops import reference
 
 __all__ = [
     "RQEncoding",
+    "RQJointEncoding",
     "dead_code_restart_",
     "ema_apply_",
     "ema_update_",
@@ -34,6 +35,7 @@ __all__ = [
     "restart_codes_",
     "rq_code_stats",
     "rq_encode",
+    "rq_joint_encode",
     "sample_restart_rows",
 ]
 
@@ -136,6 +138,66 @@ def rq_encode(
             x.detach(), codebook_or_codebooks.detach(), depth, return_cumulative, codes_dtype
         )
     return RQEncoding(codes, quantized, cumulative if return_cumulative else None)
+
+
+class RQJointEncoding(NamedTuple):
+    """Result of `rq_joint_encode`: one code per depth indexes both codebooks.
+
+    Attributes:
+        codes: [N, R] int64 (or int32).
+        quantized_sem, quantized_pix: [N, Ds] / [N, Dp], each part's sum over depths of its codes.
+        cumulative_sem, cumulative_pix: [R, N, Ds] / [R, N, Dp] running sums, or None.
+    """
+
+    codes: torch.Tensor
+    quantized_sem: torch.Tensor
+    quantized_pix: torch.Tensor
+    cumulative_sem: Optional[torch.Tensor]
+    cumulative_pix: Optional[torch.Tensor]
+
+
+def rq_joint_encode(
+    x_sem: torch.Tensor,
+    x_pix: torch.Tensor,
+    codebooks_sem: torch.Tensor,
+    codebooks_pix: torch.Tensor,
+    depth: int,
+    pixel_weight: float = 1.0,
+    *,
+    return_cumulative: bool = False,
+    codes_dtype: torch.dtype = torch.int64,
+) -> RQJointEncoding:
+    """Residual quantization of two features of the same rows with one shared index per depth
+    (TokenFlow's shared mapping): code k pairs semantic code k with pixel code k, and each depth
+    picks the k minimising ||r_sem - e_sem[k]||^2 + pixel_weight * ||r_pix - e_pix[k]||^2 (ties to the
+    lowest k), then subtracts e_sem[k] and e_pix[k] from their residuals. Searched like
+    `rq_encode` over the concatenated dims: no N x K matrix is allocated.
+
+    Args:
+        x_sem: [N, Ds], x_pix: [N, Dp]; float32 / bfloat16 / float16 (one dtype), contiguous.
+        codebooks_sem: [K, Ds] or [R, K, Ds]; codebooks_pix: [K, Dp] or [R, K, Dp] (same K, both
+            shared by all depths or both per depth).
+        depth: R >= 1.
+        pixel_weight: w >= 0, the pixel distance's weight (TokenFlow uses 1).
+        return_cumulative: also return each part's running sums (for the commitment losses).
+        codes_dtype: torch.int64 (default) or torch.int32.
+
+    Returns:
+        RQJointEncoding(codes [N, R], quantized_sem, quantized_pix, cumulative_sem, cumulative_pix).
+
+    Raises:
+        ValueError: any argument rq_encode would refuse for either part, or parts that do not
+            pair up (rows, K, dtype, shared vs per-depth codebooks), or w < 0.
+    """
+    args = (x_sem.detach(), x_pix.detach(), codebooks_sem.detach(), codebooks_pix.detach(), depth,
+            float(pixel_weight), return_cumulative, codes_dtype)
+    if extension_available():
+        out = torch.ops.megadual.rq_joint_encode(*args)
+    else:
+        out = reference.rq_joint_encode(*args)
+    codes, q_sem, q_pix, cum_sem, cum_pix = out
+    return RQJointEncoding(codes, q_sem, q_pix, cum_sem if return_cumulative else None,
+                           cum_pix if return_cumulative else None)
 
 
 def rq_code_stats(x: torch.Tensor, codebook: torch.Tensor, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -20,6 +20,16 @@ def _rq_encode_fake(x, codebooks, depth, return_cumulative=False, codes_dtype=No
     return codes, quantized, cumulative
 
 
+@torch.library.register_fake("megadual::rq_joint_encode")
+def _rq_joint_encode_fake(x_sem, x_pix, codebooks_sem, codebooks_pix, depth, pixel_weight=1.0,
+                          return_cumulative=False, codes_dtype=None):
+    n = x_sem.shape[0]
+    codes = x_sem.new_empty((n, depth), dtype=codes_dtype or torch.int64)
+    cum_sem = x_sem.new_empty((depth, *x_sem.shape)) if return_cumulative else x_sem.new_empty((0,))
+    cum_pix = x_pix.new_empty((depth, *x_pix.shape)) if return_cumulative else x_sem.new_empty((0,))
+    return codes, torch.empty_like(x_sem), torch.empty_like(x_pix), cum_sem, cum_pix
+
+
 @torch.library.register_fake("megadual::rq_code_stats")
 def _rq_code_stats_fake(x, codebooks, codes):
     counts = x.new_empty(codebooks.shape[:-1], dtype=torch.float32)

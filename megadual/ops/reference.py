@@ -190,6 +190,84 @@ def rq_encode(
     return codes.to(codes_dtype or torch.int64), quantized.to(x.dtype), cumulative
 
 
+def check_rq_joint_encode_args(x_sem, x_pix, codebooks_sem, codebooks_pix, depth, pixel_weight,
+                               codes_dtype=None) -> int:
+    """Validate rq_joint_encode's arguments like the C++ op does; returns C (1 = shared codebooks)."""
+    num_codebooks = check_rq_encode_args(x_sem, codebooks_sem, depth, codes_dtype)
+    if check_rq_encode_args(x_pix, codebooks_pix, depth, codes_dtype) != num_codebooks:
+        raise ValueError(
+            f"rq_joint_encode: the semantic codebook {_shape(codebooks_sem)} and the pixel codebook "
+            f"{_shape(codebooks_pix)} must both be shared by all depths or both be per depth"
+        )
+    if x_sem.shape[0] != x_pix.shape[0]:
+        raise ValueError(f"rq_joint_encode: x_sem has {x_sem.shape[0]} rows but x_pix has {x_pix.shape[0]}; "
+                         "pass the two features of the same positions")
+    if codebooks_sem.shape[-2] != codebooks_pix.shape[-2]:
+        raise ValueError(
+            f"rq_joint_encode: the semantic codebook has K={codebooks_sem.shape[-2]} codes and the pixel codebook "
+            f"K={codebooks_pix.shape[-2]}; a shared index needs the same K"
+        )
+    if x_sem.device != x_pix.device:
+        raise ValueError(f"rq_joint_encode: x_sem is on {x_sem.device} but x_pix on {x_pix.device}")
+    if x_sem.dtype != x_pix.dtype:
+        raise ValueError(f"rq_joint_encode: x_sem is {x_sem.dtype} but x_pix is {x_pix.dtype}; cast both to one dtype")
+    if not pixel_weight >= 0.0:
+        raise ValueError(f"rq_joint_encode: pixel_weight must be >= 0, got {pixel_weight}")
+    return num_codebooks
+
+
+def joint_search_inputs(res_sem: torch.Tensor, res_pix: torch.Tensor, pixel_weight: float) -> torch.Tensor:
+    """The rows the joint search multiplies with the concatenated codes [e_sem, e_pix]: [res_sem, w * res_pix]."""
+    return torch.cat([res_sem, pixel_weight * res_pix], dim=-1)
+
+
+def rq_joint_encode(
+    x_sem: torch.Tensor,
+    x_pix: torch.Tensor,
+    codebooks_sem: torch.Tensor,
+    codebooks_pix: torch.Tensor,
+    depth: int,
+    pixel_weight: float = 1.0,
+    return_cumulative: bool = False,
+    codes_dtype: Optional[torch.dtype] = None,
+):
+    """Residual quantization of two features with one index per depth (TokenFlow's shared mapping);
+    see megadual.ops.rq_joint_encode. Returns (codes, quantized_sem, quantized_pix, cumulative_sem,
+    cumulative_pix), the cumulative ones empty [0] tensors unless asked for.
+
+    The index minimises d_sem + w * d_pix = ||r_sem - e_sem||^2 + w ||r_pix - e_pix||^2, which up
+    to a per-row constant is (||e_sem||^2 + w ||e_pix||^2) - 2 [r_sem, w r_pix] . [e_sem, e_pix]:
+    one nearest-code search over the concatenated dims, in rq_encode's distance order.
+    """
+    num_codebooks = check_rq_joint_encode_args(x_sem, x_pix, codebooks_sem, codebooks_pix, depth, pixel_weight,
+                                                codes_dtype)
+    n = x_sem.shape[0]
+    cb_sem, cb_pix = codebooks_sem.float(), codebooks_pix.float()
+    joint = torch.cat([cb_sem, cb_pix], dim=-1)  # [C?, K, Ds + Dp]
+    norms = (cb_sem * cb_sem).sum(-1) + pixel_weight * (cb_pix * cb_pix).sum(-1)  # [C?, K]
+    res_sem, res_pix = x_sem.float().clone(), x_pix.float().clone()
+    q_sem, q_pix = torch.zeros_like(res_sem), torch.zeros_like(res_pix)
+    codes = torch.empty(n, depth, dtype=torch.int64, device=x_sem.device)
+    empty = x_sem.new_empty(0)
+    cum_sem = torch.empty(depth, *x_sem.shape, dtype=x_sem.dtype, device=x_sem.device) if return_cumulative else empty
+    cum_pix = torch.empty(depth, *x_pix.shape, dtype=x_pix.dtype, device=x_pix.device) if return_cumulative else empty
+    for r in range(depth):
+        c = 0 if num_codebooks == 1 else r
+        cb = joint if num_codebooks == 1 else joint[c]  # [K, Ds + Dp]
+        norm = norms if num_codebooks == 1 else norms[c]
+        rows = joint_search_inputs(res_sem, res_pix, pixel_weight)  # [N, Ds + Dp]
+        for n0 in range(0, n, ROW_BLOCK):
+            dist = norm - 2 * (rows[n0 : n0 + ROW_BLOCK] @ cb.T)  # rq_encode's distance order; ties to the lowest k
+            codes[n0 : n0 + ROW_BLOCK, r] = dist.argmin(dim=1)
+        for res, q, book, cum in ((res_sem, q_sem, cb_sem, cum_sem), (res_pix, q_pix, cb_pix, cum_pix)):
+            chosen = (book if num_codebooks == 1 else book[c])[codes[:, r]]
+            res -= chosen
+            q += chosen
+            if return_cumulative:
+                cum[r] = q
+    return (codes.to(codes_dtype or torch.int64), q_sem.to(x_sem.dtype), q_pix.to(x_pix.dtype), cum_sem, cum_pix)
+
+
 def rq_code_stats(x: torch.Tensor, codebooks: torch.Tensor, codes: torch.Tensor):
     """Per-code counts [C?, K] and sums [C?, K, D] (float32) of the vectors assigned to each code.
 

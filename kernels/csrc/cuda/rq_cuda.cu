@@ -1,6 +1,6 @@
 // Shapes: N rows, D dim, K codes, R depth, C codebooks (1 when shared by all depths, else R).
 //
-// CUDA kernels of megadual::rq_encode and megadual::rq_code_stats. Same semantics as the CPU
+// CUDA kernels of megadual::rq_encode, megadual::rq_joint_encode and megadual::rq_code_stats. Same semantics as the CPU
 // kernels in ../rq_ops.cpp and the reference in megadual/ops/reference.py: greedy residual
 // search, squared euclidean distance as ||e||^2 - 2 x.e, ties to the lowest index, fp32
 // accumulation whatever the input dtype.
@@ -12,8 +12,10 @@
 // cusparse.h) so nvcc compiles this unit in under a minute, also on CPU-only CI machines.
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
+#include <ATen/ops/mul.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -76,8 +78,9 @@ __global__ void argmin_merge_kernel(const float* __restrict__ dots, const float*
   }
 }
 
-// After depth r's search: record the code, subtract it from the residual, add it to the
-// running quantized sum (and store that sum when cumulative outputs were asked for).
+// After depth r's search: record the code (unless `codes` is null), subtract it from the
+// residual, add it to the running quantized sum (and store that sum when cumulative outputs
+// were asked for).
 __global__ void apply_codes_kernel(float* __restrict__ res, float* __restrict__ quant, const float* __restrict__ cb,
                                    const int64_t* __restrict__ best_idx, int64_t rows, int64_t D,
                                    float* __restrict__ cum, int64_t* __restrict__ codes, int64_t depth, int64_t r) {
@@ -91,7 +94,7 @@ __global__ void apply_codes_kernel(float* __restrict__ res, float* __restrict__ 
     const float q = quant[i] + e;
     quant[i] = q;
     if (cum != nullptr) cum[i] = q;
-    if (d == 0) codes[n * depth + r] = c;
+    if (codes != nullptr && d == 0) codes[n * depth + r] = c;
   }
 }
 
@@ -172,6 +175,75 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rq_encode_cuda(const at::Tensor& 
   return {codes, quantized, cumulative};
 }
 
+// The shared-index search of rq_joint_encode: per depth, the rows [r_sem, w r_pix] against the
+// concatenated codes [e_sem, e_pix] with norms ||e_sem||^2 + w ||e_pix||^2 (the reference's
+// expressions), through the same GEMM tiles and argmin kernel as rq_encode; each part then
+// subtracts its own code from its own (unweighted) residual.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rq_joint_encode_cuda(
+    const at::Tensor& x_sem, const at::Tensor& x_pix, const at::Tensor& codebooks_sem,
+    const at::Tensor& codebooks_pix, int64_t depth, double pixel_weight, bool return_cumulative,
+    std::optional<at::ScalarType> codes_dtype) {
+  const int64_t C = check_rq_joint_encode_args(x_sem, x_pix, codebooks_sem, codebooks_pix, depth, pixel_weight,
+                                               codes_dtype);
+  const c10::cuda::CUDAGuard guard(x_sem.device());
+  const int64_t N = x_sem.size(0), Ds = x_sem.size(1), Dp = x_pix.size(1), K = codebooks_sem.size(-2);
+  const at::Tensor cb_sem = codebooks_sem.to(at::kFloat).contiguous(), cb_pix = codebooks_pix.to(at::kFloat).contiguous();
+  const at::Tensor joint = at::cat({cb_sem, cb_pix}, -1).contiguous();
+  const at::Tensor norms = cb_sem.mul(cb_sem).sum(-1).add(cb_pix.mul(cb_pix).sum(-1).mul(pixel_weight)).contiguous();
+  const int64_t tk = K;
+  const int64_t tn = std::min(N, std::max<int64_t>(1, kDotsBudget / tk));
+
+  const auto f32 = x_sem.options().dtype(at::kFloat);
+  at::Tensor codes = at::empty({N, depth}, x_sem.options().dtype(at::kLong));
+  at::Tensor quant_sem = at::empty({N, Ds}, f32), quant_pix = at::empty({N, Dp}, f32);
+  at::Tensor cum_sem = return_cumulative ? at::empty({depth, N, Ds}, f32) : at::Tensor();
+  at::Tensor cum_pix = return_cumulative ? at::empty({depth, N, Dp}, f32) : at::Tensor();
+  const at::Tensor xs = x_sem.to(at::kFloat).contiguous(), xp = x_pix.to(at::kFloat).contiguous();
+  at::Tensor dots = at::empty({tn * tk}, f32);
+  at::Tensor res_sem = at::empty({tn, Ds}, f32), res_pix = at::empty({tn, Dp}, f32), q = at::empty({tn, Ds + Dp}, f32);
+  at::Tensor best_val = at::empty({tn}, f32);
+  at::Tensor best_idx = at::empty({tn}, x_sem.options().dtype(at::kLong));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+
+  for (int64_t n0 = 0; n0 < N; n0 += tn) {
+    const int64_t rows = std::min(tn, N - n0);
+    at::Tensor rs = res_sem.narrow(0, 0, rows), rp = res_pix.narrow(0, 0, rows), qr = q.narrow(0, 0, rows);
+    rs.copy_(xs.narrow(0, n0, rows));
+    rp.copy_(xp.narrow(0, n0, rows));
+    quant_sem.narrow(0, n0, rows).zero_();
+    quant_pix.narrow(0, n0, rows).zero_();
+    for (int64_t r = 0; r < depth; ++r) {
+      const int64_t c = C == 1 ? 0 : r;
+      qr.narrow(1, 0, Ds).copy_(rs);
+      at::Tensor weighted_pix = qr.narrow(1, Ds, Dp);
+      at::mul_out(weighted_pix, rp, pixel_weight);
+      at::Tensor out = dots.narrow(0, 0, rows * tk).view({rows, tk});
+      at::mm_out(out, qr, (C == 1 ? joint : joint.select(0, c)).t());
+      best_val.fill_(std::numeric_limits<float>::infinity());
+      best_idx.zero_();
+      const int64_t blocks = (rows + kWarpsPerBlock - 1) / kWarpsPerBlock;
+      argmin_merge_kernel<<<blocks, kWarpsPerBlock * 32, 0, stream>>>(
+          out.const_data_ptr<float>(), norms.const_data_ptr<float>() + c * K, rows, tk, 0,
+          best_val.mutable_data_ptr<float>(), best_idx.mutable_data_ptr<int64_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      for (auto [res, quant, cb, cum, D, codes_out] :
+           {std::tuple{&res_sem, &quant_sem, &cb_sem, &cum_sem, Ds, codes.mutable_data_ptr<int64_t>() + n0 * depth},
+            std::tuple{&res_pix, &quant_pix, &cb_pix, &cum_pix, Dp, static_cast<int64_t*>(nullptr)}}) {
+        apply_codes_kernel<<<grid_for(rows * D), kThreads, 0, stream>>>(
+            res->mutable_data_ptr<float>(), quant->mutable_data_ptr<float>() + n0 * D,
+            cb->const_data_ptr<float>() + c * K * D, best_idx.const_data_ptr<int64_t>(), rows, D,
+            return_cumulative ? cum->mutable_data_ptr<float>() + (r * N + n0) * D : nullptr, codes_out, depth, r);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+    }
+  }
+  const auto out_type = x_sem.scalar_type();
+  const at::Tensor none = at::empty({0}, x_sem.options());
+  if (codes_dtype.has_value() && *codes_dtype == at::kInt) codes = codes.to(at::kInt);
+  return {codes, quant_sem.to(out_type), quant_pix.to(out_type), return_cumulative ? cum_sem.to(out_type) : none,
+          return_cumulative ? cum_pix.to(out_type) : none};
+}
+
 std::tuple<at::Tensor, at::Tensor> rq_code_stats_cuda(const at::Tensor& x, const at::Tensor& codebooks,
                                                       const at::Tensor& codes) {
   const int64_t R = check_code_stats_args("rq_code_stats", x, codebooks, codes);
@@ -197,5 +269,6 @@ std::tuple<at::Tensor, at::Tensor> rq_code_stats_cuda(const at::Tensor& x, const
 
 TORCH_LIBRARY_IMPL(megadual, CUDA, m) {
   m.impl("rq_encode", &megadual::rq_encode_cuda);
+  m.impl("rq_joint_encode", &megadual::rq_joint_encode_cuda);
   m.impl("rq_code_stats", &megadual::rq_code_stats_cuda);
 }

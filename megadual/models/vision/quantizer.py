@@ -226,26 +226,55 @@ class ResidualQuantizer(nn.Module):
                 self._restart_across_group(*state, samples)
 
     def _restart_across_group(self, cluster_size, embed_sum, codebook, samples) -> None:
-        group = self.dp_group
-        # cluster_size was all-reduced, so every rank finds the same dead codes.
-        dead = ops.find_dead_codes(cluster_size, self.dead_code_threshold)
-        if dead.numel() == 0:
-            return
-        device = samples.device
-        world = dist.get_world_size(group)
-        local = torch.tensor([samples.shape[0]], dtype=torch.int64, device=device)
-        sizes = [torch.empty_like(local) for _ in range(world)]
-        dist.all_gather(sizes, local, group=group)
-        sizes_list = [int(s) for s in sizes]
-        offset = sum(sizes_list[: dist.get_rank(group)])
-        # Rows of the union of all ranks' samples, drawn on the group's first rank.
-        rows = torch.empty(dead.numel(), dtype=torch.int64, device=device)
-        if dist.get_rank(group) == 0:
-            rows.copy_(ops.sample_restart_rows(dead.numel(), sum(sizes_list), self._generator))
-        dist.broadcast(rows, group=group, group_src=0)
-        # Each rank fills in the rows it owns; the sum over ranks is then exact (x + 0).
-        mine = (rows >= offset) & (rows < offset + samples.shape[0])
-        replacements = torch.zeros(dead.numel(), self.dim, dtype=torch.float32, device=device)
-        replacements[mine] = samples[rows[mine] - offset].float()
-        dist.all_reduce(replacements, group=group)
-        ops.restart_codes_(cluster_size, embed_sum, codebook, dead, replacements, self.dead_code_threshold)
+        restart_dead_codes_(cluster_size, [(embed_sum, codebook, samples)], self.dead_code_threshold, self._generator,
+                            self.dp_group)
+
+
+def restart_dead_codes_(cluster_size: torch.Tensor, parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+                        threshold: float, generator: torch.Generator,
+                        group: Optional[dist.ProcessGroup] = None) -> None:
+    """Restart the dead codes (EMA count below `threshold`) of codebooks that share one count.
+
+    One codebook, or a pair under one index (TokenFlow's): each part is (embed_sum [K, D_p],
+    codebook [K, D_p], samples [S, D_p]) and row s of every part's samples is the same position,
+    so a dead code takes one drawn row in every part. With a data-parallel `group` the rows are
+    drawn over the union of the ranks' samples (in rank order) on the group's first rank and
+    broadcast, and each rank fills in the rows it owns: every rank applies the same codes.
+    Collective over `group` when one is given (cluster_size must already agree across it).
+    """
+    dead = ops.find_dead_codes(cluster_size, threshold)
+    if dead.numel() == 0:
+        return
+    num_samples = parts[0][2].shape[0]
+    if group is None:
+        rows = ops.sample_restart_rows(dead.numel(), num_samples, generator).to(parts[0][2].device)
+        replacements = [samples[rows].float() for _, _, samples in parts]
+    else:
+        replacements = _draw_across_group(dead.numel(), [samples for _, _, samples in parts], generator, group)
+    for (embed_sum, codebook, _), chosen in zip(parts, replacements):
+        ops.restart_codes_(cluster_size, embed_sum, codebook, dead, chosen, threshold)
+
+
+def _draw_across_group(num_dead: int, samples: list[torch.Tensor], generator: torch.Generator,
+                       group: dist.ProcessGroup) -> list[torch.Tensor]:
+    """`num_dead` rows of the union of every rank's `samples` (each part [S_rank, D_p]), drawn on
+    the group's first rank: one [num_dead, D_p] float32 tensor per part, equal on every rank."""
+    device = samples[0].device
+    world = dist.get_world_size(group)
+    local = torch.tensor([samples[0].shape[0]], dtype=torch.int64, device=device)
+    sizes = [torch.empty_like(local) for _ in range(world)]
+    dist.all_gather(sizes, local, group=group)
+    sizes_list = [int(s) for s in sizes]
+    offset = sum(sizes_list[: dist.get_rank(group)])
+    rows = torch.empty(num_dead, dtype=torch.int64, device=device)
+    if dist.get_rank(group) == 0:
+        rows.copy_(ops.sample_restart_rows(num_dead, sum(sizes_list), generator))
+    dist.broadcast(rows, group=group, group_src=0)
+    # Each rank fills in the rows it owns; the sum over ranks is then exact (x + 0). One
+    # all-reduce carries every part.
+    mine = (rows >= offset) & (rows < offset + samples[0].shape[0])
+    dims = [s.shape[1] for s in samples]
+    replacements = torch.zeros(num_dead, sum(dims), dtype=torch.float32, device=device)
+    replacements[mine] = torch.cat([s[rows[mine] - offset].float() for s in samples], dim=1)
+    dist.all_reduce(replacements, group=group)
+    return list(replacements.split(dims, dim=1))
