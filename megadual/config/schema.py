@@ -374,8 +374,18 @@ class TokenizerLossConfig:
 
 @dataclass
 class TokenizerConfig:
-    """The DualToken visual tokenizer: tower, two quantized branches, pixel decoder, GAN, losses."""
+    """The visual tokenizer: tower, quantized branches, pixel decoder, GAN, losses.
 
+    `design` picks how the tower's features are discretised (megadual/models/vision/tokenizer.py):
+    "dualtoken" (DualToken, arXiv 2503.14324): the pixel tap and the semantic tap each through its
+    own residual quantizer; "tokenflow" (TokenFlow, arXiv 2412.03069): one index per position and
+    depth selects a (semantic, pixel) code pair, minimising d_sem + pixel_weight * d_pix;
+    "single" (VILA-U style): one codebook (`semantic_quantizer`) quantizes the semantic tap, and
+    the decoder and the semantic losses both read it (`pixel_quantizer` is unused).
+    """
+
+    design: Literal["dualtoken", "tokenflow", "single"] = "dualtoken"
+    pixel_weight: float = 1.0  # tokenflow: w in d_sem + w * d_pix (TokenFlow's 1)
     tower: VisionTowerConfig = field(default_factory=VisionTowerConfig)
     pixel_quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
     semantic_quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
@@ -386,6 +396,16 @@ class TokenizerConfig:
     def validate(self, prefix: str = "tokenizer") -> None:
         for name in ("tower", "pixel_quantizer", "semantic_quantizer", "decoder", "discriminator", "loss"):
             getattr(self, name).validate(f"{prefix}.{name}")
+        if not self.pixel_weight >= 0:
+            raise ConfigError(f"{prefix}.pixel_weight", self.pixel_weight, "a number >= 0")
+        if self.design == "tokenflow":
+            # One index addresses both codebooks: everything but the code dims must agree.
+            for key in ("codebook_size", "depth", "shared_codebook", "decay", "dead_code_threshold"):
+                pix, sem = getattr(self.pixel_quantizer, key), getattr(self.semantic_quantizer, key)
+                if pix != sem:
+                    raise ConfigError(f"{prefix}.pixel_quantizer.{key}", pix,
+                                      f"{sem}, as {prefix}.semantic_quantizer.{key}: design 'tokenflow' shares one "
+                                      "index between the two codebooks")
         d = self.decoder
         produced = d.latent_size * 2 ** (len(d.ch_mult) - 1)
         if produced != self.tower.image_size:

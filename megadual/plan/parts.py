@@ -104,8 +104,9 @@ def count_parts(cfg: Config, command: str, models: dict[str, nn.Module]) -> list
                 _part("pixel depth head", [mllm.pixel_head], "last"),
                 _part("semantic depth head", [mllm.semantic_head], "last")]
     tok = models["tokenizer"]
-    parts = [_part("tower", [tok.tower]), _part("pixel quantizer", [tok.pixel_branch]),
-             _part("semantic quantizer", [tok.semantic_branch]), _part("pixel decoder", [tok.decoder]),
+    branches = [m for m in (getattr(tok, "pixel_branch", None), tok.semantic_branch, getattr(tok, "joint_rq", None))
+                if m is not None]  # the design's projections and quantizers
+    parts = [_part("tower", [tok.tower]), _part("quantized branches", branches), _part("pixel decoder", [tok.decoder]),
              _part("discriminator", [models["discriminator"]])]
     if cfg.tokenizer.loss.semantic_weight > 0:  # the frozen initial tower the semantic loss distils
         parts.append(Part("semantic teacher (frozen)", parts[0].params, 0, parts[0].largest_module, trainable=False))

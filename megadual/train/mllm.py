@@ -85,12 +85,9 @@ def tokenizer_code_tables(cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:
     for key, (ours, theirs) in expected.items():
         if ours != theirs:
             raise ConfigError(key, ours, f"{theirs}, as in the tokenizer at {m.tokenizer_path}")
-    tables = []
-    for branch in (tok.pixel_branch, tok.semantic_branch):
-        codebook = branch.rq.codebook.detach().float()
-        if not branch.rq.shared_codebook:
-            raise ConfigError("mllm.code_init", "tokenizer", "'learned' for a tokenizer with one codebook per depth")
-        tables.append(codebook)
+    tables = [tok.codebook(kind).detach().float() for kind in ("pixel", "semantic")]
+    if any(table.dim() != 2 for table in tables):
+        raise ConfigError("mllm.code_init", "tokenizer", "'learned' for a tokenizer with one codebook per depth")
     return tables[0], tables[1]
 
 

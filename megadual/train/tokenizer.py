@@ -96,12 +96,11 @@ def _generator_param_groups(model: DualTokenizer, weight_decay: float, lr: float
 
 
 def _codebook_digest(model: DualTokenizer) -> dict[str, str]:
-    """sha256 of each branch's codebook state (codebook, counts, sums): equal on every rank."""
+    """sha256 of each quantizer's codebook state (codebooks, counts, sums): equal on every rank."""
     out = {}
-    for name in ("pixel_branch", "semantic_branch"):
-        rq = getattr(model, name).rq
+    for name, quantizer in model.quantizers().items():
         h = hashlib.sha256()
-        for buf in (rq.codebook, rq.cluster_size, rq.embed_sum):
+        for buf in quantizer.buffers():
             h.update(buf.detach().float().cpu().contiguous().numpy().tobytes())
         out[name] = h.hexdigest()
     return out
@@ -272,11 +271,11 @@ def _save_pictures(run_dir: str, step: int, images: torch.Tensor, reconstruction
     scale = max(1, 128 // images.shape[-1])  # tiny debug images are enlarged to be seen
     folder = os.path.join(run_dir, "images")
     save_reconstruction_grid(images, reconstructions, os.path.join(folder, f"step_{step:06d}_recon.png"), scale=scale)
+    quantizers = model.quantizers()
     save_codebook_usage(
-        {"pixel": model.pixel_branch.rq.cluster_size, "semantic": model.semantic_branch.rq.cluster_size},
+        {name: q.cluster_size for name, q in quantizers.items()},
         os.path.join(folder, f"step_{step:06d}_usage.png"), title=f"step {step}",
-        restart_levels={"pixel": model.pixel_branch.rq.dead_code_threshold,
-                        "semantic": model.semantic_branch.rq.dead_code_threshold},
+        restart_levels={name: q.dead_code_threshold for name, q in quantizers.items()},
     )
 
 

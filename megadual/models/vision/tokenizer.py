@@ -1,4 +1,4 @@
-"""The DualToken visual tokenizer: one SigLIP tower, two residual-quantized branches.
+"""The visual tokenizer: one SigLIP tower, residual-quantized branches, a pixel decoder.
 
 Shapes: B batch, H = W image side, T = g * g tokens (g = H // patch), C tower hidden size,
 D codebook dim, R residual depth, K codes.
@@ -8,10 +8,16 @@ D codebook dim, R residual depth, K codes.
         semantic features [B,T,C] -> proj_in -> RQ (semantic codebook) -> proj_out -> remaining tower layers,
                                      post-layernorm, pooling head -> pooled [B,C]
 
+That is the "dualtoken" design (`tokenizer.design`). "tokenflow" keeps both branches' projections
+but quantizes the two projected features with one JointResidualQuantizer (one index per position
+and depth selects a semantic and a pixel code); "single" has the semantic branch only, and the
+decoder reads its features too.
+
 Public API (inference; the trainer uses `forward`):
 
     tok = DualTokenizer.from_pretrained(dir)        # config.json + model.safetensors
     pixel_codes, semantic_codes = tok.encode(images)    # int64 [B, T, R] each; images float [-1, 1]
+                                                         # (tokenflow, single: the same tensor twice)
     images = tok.decode(pixel_codes)                     # float32 [B, 3, H, W] in [-1, 1]
     pixel_emb, semantic_emb = tok.embed_codes(pixel_codes, semantic_codes)   # [B, T, D] code-space sums
     tok.save_pretrained(dir)
@@ -34,6 +40,7 @@ from megadual.config.schema import QuantizerConfig, TokenizerConfig
 from megadual.fs import write_atomic
 
 from .decoder import PixelDecoder
+from .joint_quantizer import JointResidualQuantizer
 from .quantizer import ResidualQuantizer, RQUsage
 from .tower import SiglipTower, build_siglip
 
@@ -64,17 +71,18 @@ class QuantizedBranch(nn.Module):
 
     The pre-quant projection starts with a LayerNorm: tower features carry a few large
     outlier channels, and the codebook's EMA statistics are much better behaved on
-    normalised inputs.
+    normalised inputs. With `quantize=False` the branch holds only its projections (TokenFlow's
+    branches share one JointResidualQuantizer, which the tokenizer holds).
     """
 
     def __init__(self, hidden_size: int, cfg: QuantizerConfig, dp_group: Optional[dist.ProcessGroup] = None,
-                 seed: int = 0):
+                 seed: int = 0, quantize: bool = True):
         super().__init__()
         self.proj_in = nn.Sequential(nn.LayerNorm(hidden_size), nn.Linear(hidden_size, cfg.codebook_dim))
         self.rq = ResidualQuantizer(
             cfg.codebook_dim, cfg.codebook_size, cfg.depth, shared_codebook=cfg.shared_codebook, decay=cfg.decay,
             dead_code_threshold=cfg.dead_code_threshold, dp_group=dp_group, seed=seed,
-        )
+        ) if quantize else None
         self.proj_out = nn.Linear(cfg.codebook_dim, hidden_size)
 
     def forward(self, x: torch.Tensor) -> BranchOutput:
@@ -82,28 +90,30 @@ class QuantizedBranch(nn.Module):
         out = self.rq(self.proj_in(x))
         return BranchOutput(self.proj_out(out.quantized), out.codes.long(), out.commitment_loss, out.usage)
 
-    def code_vectors(self, codes: torch.Tensor, per_depth: bool = False) -> torch.Tensor:
-        """Codebook vectors of `codes`.
 
-        Args:
-            codes: [B, T, R] integer codes in [0, K).
-            per_depth: return every depth's vector instead of their sum.
+def code_vectors(codebook: torch.Tensor, codes: torch.Tensor, per_depth: bool = False) -> torch.Tensor:
+    """Codebook vectors of residual codes.
 
-        Returns:
-            [B, T, D] (sum over depths: what the quantizer outputs) or [B, T, R, D].
-        """
-        rq = self.rq
-        if codes.shape[-1] != rq.depth:
-            raise ValueError(f"codes: last dim must be the residual depth {rq.depth}, got shape {list(codes.shape)}")
-        codes = codes.long()
-        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= rq.codebook_size):
-            raise ValueError(f"codes: values must lie in [0, {rq.codebook_size}), got [{int(codes.min())}, {int(codes.max())}]")
-        if rq.shared_codebook:
-            vectors = rq.codebook[codes]  # [B, T, R, D]
-        else:
-            depth_index = torch.arange(rq.depth, device=codes.device).expand_as(codes)
-            vectors = rq.codebook[depth_index, codes]  # [B, T, R, D]
-        return vectors if per_depth else vectors.sum(-2)
+    Args:
+        codebook: [K, D] shared by the depths, or [R, K, D] one per depth.
+        codes: [B, T, R] integer codes in [0, K).
+        per_depth: return every depth's vector instead of their sum.
+
+    Returns:
+        [B, T, D] (sum over depths: what the quantizer outputs) or [B, T, R, D].
+    """
+    num_codes = codebook.shape[-2]
+    if codebook.dim() == 3 and codes.shape[-1] != codebook.shape[0]:
+        raise ValueError(f"codes: last dim must be the residual depth {codebook.shape[0]}, got shape {list(codes.shape)}")
+    codes = codes.long()
+    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= num_codes):
+        raise ValueError(f"codes: values must lie in [0, {num_codes}), got [{int(codes.min())}, {int(codes.max())}]")
+    if codebook.dim() == 2:
+        vectors = codebook[codes]  # [B, T, R, D]
+    else:
+        depth_index = torch.arange(codebook.shape[0], device=codes.device).expand_as(codes)
+        vectors = codebook[depth_index, codes]  # [B, T, R, D]
+    return vectors if per_depth else vectors.sum(-2)
 
 
 class TokenizerOutput(NamedTuple):
@@ -139,7 +149,7 @@ def _eval(*modules: nn.Module):
 
 
 class DualTokenizer(nn.Module):
-    """SigLIP tower + pixel and semantic RQ branches + pixel decoder.
+    """SigLIP tower + quantized branches (as `cfg.design` says) + pixel decoder.
 
     Args:
         cfg: the `tokenizer` config section.
@@ -156,12 +166,58 @@ class DualTokenizer(nn.Module):
         model = tower if tower is not None else build_siglip(cfg.tower, seed)
         self.tower = SiglipTower(model, cfg.tower)
         hidden = self.tower.hidden_size
+        self.design = cfg.design
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed + 1)
-            self.pixel_branch = QuantizedBranch(hidden, cfg.pixel_quantizer, dp_group, seed=seed + 2)
-            self.semantic_branch = QuantizedBranch(hidden, cfg.semantic_quantizer, dp_group, seed=seed + 3)
+            if self.design != "single":
+                self.pixel_branch = QuantizedBranch(hidden, cfg.pixel_quantizer, dp_group, seed=seed + 2,
+                                                    quantize=self.design == "dualtoken")
+            self.semantic_branch = QuantizedBranch(hidden, cfg.semantic_quantizer, dp_group, seed=seed + 3,
+                                                   quantize=self.design != "tokenflow")
             self.decoder = PixelDecoder(hidden, cfg.decoder)
+            if self.design == "tokenflow":
+                sem, pix = cfg.semantic_quantizer, cfg.pixel_quantizer  # validated to agree but for the dims
+                self.joint_rq = JointResidualQuantizer(
+                    sem.codebook_dim, pix.codebook_dim, sem.codebook_size, sem.depth, pixel_weight=cfg.pixel_weight,
+                    shared_codebook=sem.shared_codebook, decay=sem.decay, dead_code_threshold=sem.dead_code_threshold,
+                    dp_group=dp_group, seed=seed + 2,
+                )
         self.grid_size = cfg.tower.grid_size
+
+    def quantizers(self) -> dict[str, nn.Module]:
+        """The design's quantizers by name ("pixel" and "semantic", "joint", or "single"); each
+        has a `cluster_size` buffer and a `dead_code_threshold`."""
+        if self.design == "tokenflow":
+            return {"joint": self.joint_rq}
+        if self.design == "single":
+            return {"single": self.semantic_branch.rq}
+        return {"pixel": self.pixel_branch.rq, "semantic": self.semantic_branch.rq}
+
+    def codebook(self, kind: str) -> torch.Tensor:
+        """The codebook pixel ("pixel") or semantic ("semantic") codes index: [K, D] or [R, K, D]."""
+        if self.design == "tokenflow":
+            return self.joint_rq.codebook_pix if kind == "pixel" else self.joint_rq.codebook_sem
+        if self.design == "single" or kind == "semantic":
+            return self.semantic_branch.rq.codebook
+        return self.pixel_branch.rq.codebook
+
+    def _pixel_projection(self) -> nn.Module:
+        """The post-quant projection whose output the decoder reads."""
+        return (self.semantic_branch if self.design == "single" else self.pixel_branch).proj_out
+
+    def _quantize(self, taps) -> tuple[BranchOutput, BranchOutput]:
+        """The design's (pixel, semantic) branch outputs for the tower's taps. With one codebook
+        ("single") both are the semantic branch's, the pixel one carrying no second commitment
+        loss; with a shared index ("tokenflow") both carry the same codes and usage."""
+        if self.design == "dualtoken":
+            return self.pixel_branch(taps.pixel), self.semantic_branch(taps.semantic)
+        if self.design == "single":
+            semantic = self.semantic_branch(taps.semantic)
+            return semantic._replace(commitment_loss=torch.zeros_like(semantic.commitment_loss)), semantic
+        out = self.joint_rq(self.semantic_branch.proj_in(taps.semantic), self.pixel_branch.proj_in(taps.pixel))
+        codes = out.codes.long()
+        return (BranchOutput(self.pixel_branch.proj_out(out.quantized_pix), codes, out.commitment_pix, out.usage),
+                BranchOutput(self.semantic_branch.proj_out(out.quantized_sem), codes, out.commitment_sem, out.usage))
 
     @property
     def image_size(self) -> int:
@@ -185,8 +241,7 @@ class DualTokenizer(nn.Module):
         """
         self._check_images(images)
         taps = self.tower.taps(images)
-        pixel = self.pixel_branch(taps.pixel)
-        semantic = self.semantic_branch(taps.semantic)
+        pixel, semantic = self._quantize(taps)
         decoder_features = self.decoder.features(self._grid(pixel.features))
         reconstruction = self.decoder.conv_out(decoder_features)
         _, pooled = self.tower.tail(semantic.features)
@@ -200,12 +255,14 @@ class DualTokenizer(nn.Module):
             images: [B, 3, H, W] float in [-1, 1].
 
         Returns:
-            (pixel_codes, semantic_codes), each int64 [B, T, R] (T = grid^2, row-major).
+            (pixel_codes, semantic_codes), each int64 [B, T, R] (T = grid^2, row-major); for the
+            "tokenflow" and "single" designs one tensor, twice (the shared index / the one codebook).
         """
         self._check_images(images)
         with _eval(self):
             taps = self.tower.taps(images.to(self.decoder.conv_out.weight.dtype))
-            return self.pixel_branch(taps.pixel).codes, self.semantic_branch(taps.semantic).codes
+            pixel, semantic = self._quantize(taps)
+            return pixel.codes, semantic.codes
 
     @torch.no_grad()
     def decode(self, pixel_codes: torch.Tensor) -> torch.Tensor:
@@ -222,7 +279,7 @@ class DualTokenizer(nn.Module):
                 f"pixel_codes: expected [B, {self.grid_size ** 2}, R], got shape {list(pixel_codes.shape)}"
             )
         with _eval(self):
-            features = self.pixel_branch.proj_out(self.pixel_branch.code_vectors(pixel_codes))
+            features = self._pixel_projection()(code_vectors(self.codebook("pixel"), pixel_codes))
             return self.decoder(self._grid(features)).float().clamp(-1, 1)
 
     def embed_codes(self, pixel_codes: Optional[torch.Tensor] = None, semantic_codes: Optional[torch.Tensor] = None,
@@ -237,8 +294,8 @@ class DualTokenizer(nn.Module):
             (pixel embeddings, semantic embeddings), None where no codes were given. The sum over
             depths equals the branch's quantized vector (before the post-quant projection).
         """
-        pix = None if pixel_codes is None else self.pixel_branch.code_vectors(pixel_codes, per_depth)
-        sem = None if semantic_codes is None else self.semantic_branch.code_vectors(semantic_codes, per_depth)
+        pix = None if pixel_codes is None else code_vectors(self.codebook("pixel"), pixel_codes, per_depth)
+        sem = None if semantic_codes is None else code_vectors(self.codebook("semantic"), semantic_codes, per_depth)
         return pix, sem
 
     # ----------------------------------------------------------------------------- persistence
