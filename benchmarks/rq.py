@@ -161,6 +161,18 @@ def _measure(impl: str, shape_name: str, threads: int, repeats: int) -> dict:
     return {"time_s": statistics.median(times), "peak_mib": max(peaks)}
 
 
+def _device_with_extension(device_name: str):
+    """(device, sync) of --device, after checking that the compiled ops are there to measure."""
+    import megadual.ops as ops
+
+    from _common import device_and_sync
+
+    device, sync = device_and_sync(device_name)
+    if not ops.extension_available():
+        raise SystemExit("megadual._C is not built: run `pip install --no-build-isolation -e .` first")
+    return device, sync
+
+
 def gemm_argmin_encode(x, codebook, depth: int):
     """The baseline search: one full N x K distance matrix per depth and its argmin (||r||^2 is
     the same for every code of a row, so it is left out)."""
@@ -183,11 +195,9 @@ def compare_argmin(shape_name: str, device_name: str, warmup: int, repeats: int)
     import megadual.ops as ops
     from megadual.ops import reference
 
-    from _common import device_and_sync, median_seconds
+    from _common import median_seconds
 
-    device, sync = device_and_sync(device_name)
-    if not ops.extension_available():
-        raise SystemExit("megadual._C is not built: run `pip install --no-build-isolation -e .` first")
+    device, sync = _device_with_extension(device_name)
     shape = SHAPES[shape_name]
     n, d, k, r = shape["n"], shape["d"], shape["k"], shape["r"]
     g = torch.Generator().manual_seed(0)
@@ -262,11 +272,9 @@ def compare_joint(shape_name: str, device_name: str, warmup: int, repeats: int) 
     import megadual.ops as ops
     from megadual.ops import reference
 
-    from _common import device_and_sync, median_seconds
+    from _common import median_seconds
 
-    device, sync = device_and_sync(device_name)
-    if not ops.extension_available():
-        raise SystemExit("megadual._C is not built: run `pip install --no-build-isolation -e .` first")
+    device, sync = _device_with_extension(device_name)
     shape = JOINT_SHAPES[shape_name]
     g = torch.Generator().manual_seed(0)
     x_sem, x_pix = (torch.randn(shape["n"], shape[d], generator=g).to(device) for d in ("ds", "dp"))

@@ -216,11 +216,6 @@ def check_rq_joint_encode_args(x_sem, x_pix, codebooks_sem, codebooks_pix, depth
     return num_codebooks
 
 
-def joint_search_inputs(res_sem: torch.Tensor, res_pix: torch.Tensor, pixel_weight: float) -> torch.Tensor:
-    """The rows the joint search multiplies with the concatenated codes [e_sem, e_pix]: [res_sem, w * res_pix]."""
-    return torch.cat([res_sem, pixel_weight * res_pix], dim=-1)
-
-
 def rq_joint_encode(
     x_sem: torch.Tensor,
     x_pix: torch.Tensor,
@@ -255,7 +250,7 @@ def rq_joint_encode(
         c = 0 if num_codebooks == 1 else r
         cb = joint if num_codebooks == 1 else joint[c]  # [K, Ds + Dp]
         norm = norms if num_codebooks == 1 else norms[c]
-        rows = joint_search_inputs(res_sem, res_pix, pixel_weight)  # [N, Ds + Dp]
+        rows = torch.cat([res_sem, pixel_weight * res_pix], dim=-1)  # [N, Ds + Dp], against [e_sem, e_pix]
         for n0 in range(0, n, ROW_BLOCK):
             dist = norm - 2 * (rows[n0 : n0 + ROW_BLOCK] @ cb.T)  # rq_encode's distance order; ties to the lowest k
             codes[n0 : n0 + ROW_BLOCK, r] = dist.argmin(dim=1)
