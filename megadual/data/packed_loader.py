@@ -39,7 +39,7 @@ from .workers import die_with_parent
 
 STATE_VERSION = 1
 _MUST_AGREE = ("tokenizer_checkpoint_sha256", "text_tokenizer", "pixel_codebook_size", "semantic_codebook_size",
-               "num_positions", "depth")
+               "num_positions", "depth", "shared_codes")
 
 
 def load_shards(paths: list[str]) -> tuple[Manifest, list[ShardRef]]:

@@ -96,9 +96,10 @@ class ShardBuilder:
         ValueError: a key already in the shard, a malformed key, or codes that do not fit uint16.
     """
 
-    def __init__(self):
+    def __init__(self, shared_codes: bool = False):
         self._tar = TarBuilder()
         self._keys: set[str] = set()
+        self.shared_codes = shared_codes  # store one index array per sample (see token_shards.py)
 
     def __len__(self) -> int:
         return len(self._keys)
@@ -106,7 +107,7 @@ class ShardBuilder:
     def add(self, sample: TokenSample) -> None:
         if sample.key in self._keys:
             raise ValueError(f"key {sample.key!r} appears twice; keys must be unique within a shard")
-        files = encode_sample(sample)
+        files = encode_sample(sample, self.shared_codes)
         self._keys.add(sample.key)
         for name in sorted(files):
             self._tar.add(f"{sample.key}.{name}", files[name])
@@ -117,8 +118,8 @@ class ShardBuilder:
         return ShardEntry(name=os.path.basename(path), num_samples=len(self))
 
 
-def write_shard(path: str, samples: list[TokenSample]) -> ShardEntry:
-    """Encode `samples` into one tar at `path`, atomically.
+def write_shard(path: str, samples: list[TokenSample], shared_codes: bool = False) -> ShardEntry:
+    """Encode `samples` into one tar at `path`, atomically (one code array each with `shared_codes`).
 
     Returns:
         The manifest entry (file name and sample count).
@@ -126,7 +127,7 @@ def write_shard(path: str, samples: list[TokenSample]) -> ShardEntry:
     Raises:
         ValueError: a duplicate or malformed key, or codes that do not fit uint16.
     """
-    shard = ShardBuilder()
+    shard = ShardBuilder(shared_codes)
     for sample in samples:
         try:
             shard.add(sample)
@@ -186,7 +187,8 @@ class TokenShardWriter:
     def _flush(self) -> None:
         if self._pending:
             name = f"{self.prefix}-{len(self.manifest.shards):06d}.tar"
-            self.manifest.shards.append(write_shard(os.path.join(self.directory, name), self._pending))
+            self.manifest.shards.append(write_shard(os.path.join(self.directory, name), self._pending,
+                                                    self.manifest.shared_codes))
             self._pending = []
 
     def close(self) -> Manifest:

@@ -9,6 +9,9 @@ named `<key>.<field>`. The fields (SCHEMA_VERSION 1, documented in docs/token_sh
     <key>.text_ids.npy        int32 [L] caption token ids, no special tokens
     <key>.pixel_codes.npy     uint16 [T, R] pixel RQ codes, each < manifest pixel_codebook_size
     <key>.semantic_codes.npy  uint16 [T, R] semantic RQ codes, each < manifest semantic_codebook_size
+    <key>.codes.npy           uint16 [T, R], instead of the two above when the manifest says
+                              `shared_codes` (a "tokenflow" tokenizer's shared index, or a "single"
+                              one's codes): pixel and semantic codes are the same indices
     <key>.json                {"schema_version": 1, "image_size": [h, w], "source_key": "..."}
 
 Each output directory holds `manifest.json` (see `Manifest`). This module is the schema and
@@ -32,8 +35,10 @@ FIELD_CAPTION = "txt"
 FIELD_TEXT_IDS = "text_ids.npy"
 FIELD_PIXEL = "pixel_codes.npy"
 FIELD_SEMANTIC = "semantic_codes.npy"
+FIELD_CODES = "codes.npy"
 FIELD_META = "json"
 FIELDS = (FIELD_CAPTION, FIELD_TEXT_IDS, FIELD_PIXEL, FIELD_SEMANTIC, FIELD_META)
+SHARED_FIELDS = (FIELD_CAPTION, FIELD_TEXT_IDS, FIELD_CODES, FIELD_META)
 
 
 class TokenShardError(ValueError):
@@ -91,6 +96,7 @@ class Manifest:
     shards: list[ShardEntry] = field(default_factory=list)
     skipped: list[dict[str, Any]] = field(default_factory=list)
     schema_version: int = SCHEMA_VERSION
+    shared_codes: bool = False  # one index array per sample (codes.npy) for both streams
 
     @property
     def num_samples(self) -> int:
@@ -180,15 +186,25 @@ def _npy_bytes(array: np.ndarray) -> bytes:
     return data
 
 
-def encode_sample(sample: TokenSample) -> dict[str, bytes]:
+def encode_sample(sample: TokenSample, shared_codes: bool = False) -> dict[str, bytes]:
     """The tar member payloads of one sample, keyed by field name (deterministic bytes).
 
+    With `shared_codes` the sample's pixel and semantic codes are one index array, stored once
+    (codes.npy).
+
     Raises:
-        ValueError: a bad key or codes that are not 2-D / do not fit uint16.
+        ValueError: a bad key, codes that are not 2-D / do not fit uint16, or (shared_codes)
+            pixel and semantic codes that differ.
     """
     check_key(sample.key)
     codes = {}
-    for name, array in ((FIELD_PIXEL, sample.pixel_codes), (FIELD_SEMANTIC, sample.semantic_codes)):
+    if shared_codes:
+        if not np.array_equal(sample.pixel_codes, sample.semantic_codes):
+            raise ValueError(f"sample {sample.key!r}: shared_codes needs equal pixel and semantic codes (one index)")
+        pairs = ((FIELD_CODES, sample.pixel_codes),)
+    else:
+        pairs = ((FIELD_PIXEL, sample.pixel_codes), (FIELD_SEMANTIC, sample.semantic_codes))
+    for name, array in pairs:
         array = np.asarray(array)
         if array.ndim != 2:
             raise ValueError(f"sample {sample.key!r}: {name} must be [T, R], got shape {array.shape}")
@@ -230,7 +246,7 @@ def decode_sample(files: dict[str, bytes], shard: str, key: str, manifest: Manif
         TokenShardError: missing field, wrong schema version, wrong shape or dtype, or a code
             >= its codebook size.
     """
-    missing = [f for f in FIELDS if f not in files]
+    missing = [f for f in (SHARED_FIELDS if manifest.shared_codes else FIELDS) if f not in files]
     if missing:
         raise TokenShardError(shard, key, f"missing field(s) {missing} (present: {sorted(files)})")
     try:
@@ -256,7 +272,11 @@ def decode_sample(files: dict[str, bytes], shard: str, key: str, manifest: Manif
         raise TokenShardError(shard, key, f"text_ids must be a 1-D integer array, got {text_ids.dtype} {text_ids.shape}")
     expected_shape = (manifest.num_positions, manifest.depth)
     arrays = {}
-    for name, size in ((FIELD_PIXEL, manifest.pixel_codebook_size), (FIELD_SEMANTIC, manifest.semantic_codebook_size)):
+    if manifest.shared_codes:  # one index: bounded by both codebooks (equal for tokenflow and single)
+        fields = ((FIELD_CODES, min(manifest.pixel_codebook_size, manifest.semantic_codebook_size)),)
+    else:
+        fields = ((FIELD_PIXEL, manifest.pixel_codebook_size), (FIELD_SEMANTIC, manifest.semantic_codebook_size))
+    for name, size in fields:
         codes = _load_npy(files[name], shard, key, name)
         if codes.dtype != np.uint16 or codes.shape != expected_shape:
             raise TokenShardError(
@@ -275,8 +295,8 @@ def decode_sample(files: dict[str, bytes], shard: str, key: str, manifest: Manif
         key=key,
         caption=caption,
         text_ids=text_ids.astype(np.int32, copy=False),
-        pixel_codes=arrays[FIELD_PIXEL],
-        semantic_codes=arrays[FIELD_SEMANTIC],
+        pixel_codes=arrays.get(FIELD_PIXEL, arrays.get(FIELD_CODES)),
+        semantic_codes=arrays.get(FIELD_SEMANTIC, arrays.get(FIELD_CODES)),
         image_size=image_size,
         source_key=source_key,
     )

@@ -244,16 +244,17 @@ def extract_tokens(opts: ExtractOptions, timings: Optional[dict] = None) -> Opti
     shards = list_input_shards(opts.inputs, opts.fmt, opts.folder_shard_size)
     tokenizer = DualTokenizer.from_pretrained(opts.tokenizer, map_location="cpu").to(device).eval()
     cfg = tokenizer.cfg
-    if cfg.pixel_quantizer.depth != cfg.semantic_quantizer.depth:
+    if cfg.design == "dualtoken" and cfg.pixel_quantizer.depth != cfg.semantic_quantizer.depth:
         raise ValueError(f"token shards hold one depth R for both branches; this tokenizer has pixel depth "
                          f"{cfg.pixel_quantizer.depth} and semantic depth {cfg.semantic_quantizer.depth}")
     template = Manifest(
         tokenizer_checkpoint_sha256=directory_sha256(opts.tokenizer),
         text_tokenizer=text_tokenizer_id(opts.text_tokenizer),
-        pixel_codebook_size=cfg.pixel_quantizer.codebook_size,
-        semantic_codebook_size=cfg.semantic_quantizer.codebook_size,
+        pixel_codebook_size=tokenizer.codebook("pixel").shape[-2],  # a "single" tokenizer's pixel codes are its one codebook's
+        semantic_codebook_size=tokenizer.codebook("semantic").shape[-2],
         num_positions=tokenizer.grid_size ** 2,
-        depth=cfg.pixel_quantizer.depth,
+        depth=cfg.semantic_quantizer.depth,
+        shared_codes=cfg.design != "dualtoken",
     )
     os.makedirs(os.path.join(opts.out, PARTS_DIR), exist_ok=True)
 

@@ -39,13 +39,13 @@ def _to_uint16(codes: torch.Tensor) -> np.ndarray:
 class _ShardAssembler:
     """Writer-thread state: the open shards' builders and skipped entries, by shard position."""
 
-    def __init__(self, finish: Finish):
-        self.finish_fn = finish
+    def __init__(self, finish: Finish, shared_codes: bool = False):
+        self.finish_fn, self.shared_codes = finish, shared_codes
         self.open: dict[int, tuple[ShardBuilder, list]] = {}
 
     def add(self, pos: int, items: list[InputItem], pixel: Optional[torch.Tensor],
             semantic: Optional[torch.Tensor], skipped: list[dict]) -> None:
-        builder, skipped_so_far = self.open.setdefault(pos, (ShardBuilder(), []))
+        builder, skipped_so_far = self.open.setdefault(pos, (ShardBuilder(self.shared_codes), []))
         skipped_so_far.extend(skipped)
         if pixel is None:
             return
@@ -58,7 +58,7 @@ class _ShardAssembler:
             ))
 
     def finish(self, pos: int) -> None:
-        builder, skipped = self.open.pop(pos, (ShardBuilder(), []))
+        builder, skipped = self.open.pop(pos, (ShardBuilder(self.shared_codes), []))
         self.finish_fn(pos, builder, skipped)
 
 
@@ -87,7 +87,8 @@ def encode_shards(batches: Iterable[InputBatch], tokenizer, device: torch.device
         Whatever `skip`, the tokenizer or the writer thread raised; the shards already
         complete are written first.
     """
-    assembler = _ShardAssembler(finish)
+    # A shared index ("tokenflow") or one codebook ("single"): the two code streams are one array.
+    assembler = _ShardAssembler(finish, shared_codes=tokenizer.design != "dualtoken")
     jobs = JobThread(max_pending, name="extract-writer")
     times = {"first_batch_at": None, "first_encoded_at": None, "last_encode_at": None, "images": 0, "first_images": 0,
              "steady_cpu_s": 0.0}
