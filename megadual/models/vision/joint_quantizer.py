@@ -24,7 +24,7 @@ from torch import nn
 
 from megadual import ops
 
-from .quantizer import RQUsage, _usage, restart_dead_codes_
+from .quantizer import RQUsage, _usage, code_counts, restart_dead_codes_
 
 
 class JointRQOutput(NamedTuple):
@@ -119,25 +119,22 @@ class JointResidualQuantizer(nn.Module):
         if self.training:
             counts = self._ema_step(rows_sem, rows_pix, enc)
         else:
-            counts = self._count(enc.codes)
+            counts = code_counts(enc.codes, self.codebook_size, self.shared_codebook)
         # Straight-through: the value is exactly the codes' sum, the gradient is the identity.
         q_sem = enc.quantized_sem.to(flat_sem.dtype) + (flat_sem - flat_sem.detach())
         q_pix = enc.quantized_pix.to(flat_pix.dtype) + (flat_pix - flat_pix.detach())
         return JointRQOutput(q_sem.reshape(*lead, self.sem_dim), q_pix.reshape(*lead, self.pix_dim),
                              enc.codes.reshape(*lead, self.depth), *commitments, _usage(counts))
 
-    def _count(self, codes: torch.Tensor) -> torch.Tensor:
-        codes = codes.long()
-        if self.shared_codebook:
-            return torch.bincount(codes.flatten(), minlength=self.codebook_size).float()
-        return torch.stack([torch.bincount(codes[:, r], minlength=self.codebook_size)
-                            for r in range(self.depth)]).float()
+    def _sync_group(self) -> Optional[dist.ProcessGroup]:
+        """The data-parallel group to synchronise over, or None when there is nothing to sync."""
+        return self.dp_group if self.dp_group is not None and dist.get_world_size(self.dp_group) > 1 else None
 
     @torch.no_grad()
     def _ema_step(self, rows_sem: torch.Tensor, rows_pix: torch.Tensor, enc: ops.RQJointEncoding) -> torch.Tensor:
         counts, sums_sem = ops.rq_code_stats(rows_sem, self.codebook_sem, enc.codes)
         _, sums_pix = ops.rq_code_stats(rows_pix, self.codebook_pix, enc.codes)
-        if self.dp_group is not None and dist.get_world_size(self.dp_group) > 1:
+        if self._sync_group() is not None:
             # One all-reduce for the counts and both sums: small (K x (1 + Ds + Dp)) and latency-bound.
             flat = torch.cat([counts.flatten(), sums_sem.flatten(), sums_pix.flatten()])
             dist.all_reduce(flat, group=self.dp_group)
@@ -158,7 +155,7 @@ class JointResidualQuantizer(nn.Module):
         for rows, cumulative in ((rows_sem, enc.cumulative_sem), (rows_pix, enc.cumulative_pix)):
             previous = torch.cat([torch.zeros_like(cumulative[:1]), cumulative[:-1]]).float()  # [R, N, D]
             residuals.append(rows.float().unsqueeze(0) - previous)
-        group = self.dp_group if self.dp_group is not None and dist.get_world_size(self.dp_group) > 1 else None
+        group = self._sync_group()
         for c in range(1 if self.shared_codebook else self.depth):
             if self.shared_codebook:
                 # Row-major (row, depth) order: the ranks' pools concatenate into a single process's.

@@ -184,11 +184,7 @@ class ResidualQuantizer(nn.Module):
         return 1 if self.dp_group is None else dist.get_world_size(self.dp_group)
 
     def _count(self, codes: torch.Tensor) -> torch.Tensor:
-        codes = codes.long()
-        if self.shared_codebook:
-            return torch.bincount(codes.flatten(), minlength=self.codebook_size).float()
-        per_depth = [torch.bincount(codes[:, r], minlength=self.codebook_size) for r in range(self.depth)]
-        return torch.stack(per_depth).float()
+        return code_counts(codes, self.codebook_size, self.shared_codebook)
 
     @torch.no_grad()
     def _ema_step(self, rows: torch.Tensor, codes: torch.Tensor, cumulative: torch.Tensor) -> torch.Tensor:
@@ -228,6 +224,14 @@ class ResidualQuantizer(nn.Module):
     def _restart_across_group(self, cluster_size, embed_sum, codebook, samples) -> None:
         restart_dead_codes_(cluster_size, [(embed_sum, codebook, samples)], self.dead_code_threshold, self._generator,
                             self.dp_group)
+
+
+def code_counts(codes: torch.Tensor, codebook_size: int, shared_codebook: bool) -> torch.Tensor:
+    """Assignments per code of codes [N, R]: float32 [K] (a shared codebook: all depths) or [R, K]."""
+    codes = codes.long()
+    if shared_codebook:
+        return torch.bincount(codes.flatten(), minlength=codebook_size).float()
+    return torch.stack([torch.bincount(codes[:, r], minlength=codebook_size) for r in range(codes.shape[1])]).float()
 
 
 def restart_dead_codes_(cluster_size: torch.Tensor, parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],

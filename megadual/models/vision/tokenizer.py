@@ -91,20 +91,21 @@ class QuantizedBranch(nn.Module):
         return BranchOutput(self.proj_out(out.quantized), out.codes.long(), out.commitment_loss, out.usage)
 
 
-def code_vectors(codebook: torch.Tensor, codes: torch.Tensor, per_depth: bool = False) -> torch.Tensor:
+def code_vectors(codebook: torch.Tensor, codes: torch.Tensor, depth: int, per_depth: bool = False) -> torch.Tensor:
     """Codebook vectors of residual codes.
 
     Args:
         codebook: [K, D] shared by the depths, or [R, K, D] one per depth.
         codes: [B, T, R] integer codes in [0, K).
+        depth: R, the quantizer's residual depth.
         per_depth: return every depth's vector instead of their sum.
 
     Returns:
         [B, T, D] (sum over depths: what the quantizer outputs) or [B, T, R, D].
     """
     num_codes = codebook.shape[-2]
-    if codebook.dim() == 3 and codes.shape[-1] != codebook.shape[0]:
-        raise ValueError(f"codes: last dim must be the residual depth {codebook.shape[0]}, got shape {list(codes.shape)}")
+    if codes.shape[-1] != depth:
+        raise ValueError(f"codes: last dim must be the residual depth {depth}, got shape {list(codes.shape)}")
     codes = codes.long()
     if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= num_codes):
         raise ValueError(f"codes: values must lie in [0, {num_codes}), got [{int(codes.min())}, {int(codes.max())}]")
@@ -201,6 +202,12 @@ class DualTokenizer(nn.Module):
             return self.semantic_branch.rq.codebook
         return self.pixel_branch.rq.codebook
 
+    def _code_vectors(self, kind: str, codes: torch.Tensor, per_depth: bool = False) -> torch.Tensor:
+        """`code_vectors` of pixel ("pixel") or semantic ("semantic") codes in their codebook."""
+        quantizer = self.cfg.pixel_quantizer if kind == "pixel" and self.design == "dualtoken" else \
+            self.cfg.semantic_quantizer  # tokenflow: validated equal depths; single: its one codebook
+        return code_vectors(self.codebook(kind), codes, quantizer.depth, per_depth)
+
     def _pixel_projection(self) -> nn.Module:
         """The post-quant projection whose output the decoder reads."""
         return (self.semantic_branch if self.design == "single" else self.pixel_branch).proj_out
@@ -279,7 +286,7 @@ class DualTokenizer(nn.Module):
                 f"pixel_codes: expected [B, {self.grid_size ** 2}, R], got shape {list(pixel_codes.shape)}"
             )
         with _eval(self):
-            features = self._pixel_projection()(code_vectors(self.codebook("pixel"), pixel_codes))
+            features = self._pixel_projection()(self._code_vectors("pixel", pixel_codes))
             return self.decoder(self._grid(features)).float().clamp(-1, 1)
 
     def embed_codes(self, pixel_codes: Optional[torch.Tensor] = None, semantic_codes: Optional[torch.Tensor] = None,
@@ -294,8 +301,8 @@ class DualTokenizer(nn.Module):
             (pixel embeddings, semantic embeddings), None where no codes were given. The sum over
             depths equals the branch's quantized vector (before the post-quant projection).
         """
-        pix = None if pixel_codes is None else code_vectors(self.codebook("pixel"), pixel_codes, per_depth)
-        sem = None if semantic_codes is None else code_vectors(self.codebook("semantic"), semantic_codes, per_depth)
+        pix = None if pixel_codes is None else self._code_vectors("pixel", pixel_codes, per_depth)
+        sem = None if semantic_codes is None else self._code_vectors("semantic", semantic_codes, per_depth)
         return pix, sem
 
     # ----------------------------------------------------------------------------- persistence

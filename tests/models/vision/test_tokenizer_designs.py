@@ -89,3 +89,9 @@ def test_a_tokenflow_pair_that_cannot_share_an_index_is_refused():
                     ["tokenizer.pixel_quantizer.codebook_size=64"])
     with pytest.raises(ConfigError, match="tokenizer.design"):
         debug_config("tokenizer.design=vq")
+
+
+def test_codes_of_another_depth_are_refused_by_every_design(trained):
+    with pytest.raises(ValueError, match=r"last dim must be the residual depth 2, got shape \[1, 64, 3\]"):
+        trained.embed_codes(torch.zeros(1, 64, 3, dtype=torch.long), None)
+
